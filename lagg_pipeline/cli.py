@@ -1,0 +1,201 @@
+"""The command line: check the overrides, open a sweep's parent run, hand over to Hydra.
+
+Every override is checked before any compute starts -- composed with the real configs,
+typed against the schema and validated -- and a bad one ends the program with a single
+line naming the key and what is allowed (exit code 2), never a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import fields, is_dataclass
+from importlib import resources
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from lagg_pipeline import config as config_module
+from lagg_pipeline.config import Config, ConfigError, validate
+
+CONFIG_MODULE = "lagg_pipeline.conf"
+_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                "-cd", "--config-dir", "-sc", "--shell-completion", "--experimental-rerun"}
+_INFO_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion"}
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate Hydra's own flags from config overrides."""
+    flags, overrides, take_value = [], [], False
+    for arg in argv:
+        if take_value:
+            flags.append(arg)
+            take_value = False
+        elif arg.startswith("-"):
+            flags.append(arg)
+            take_value = arg in _VALUE_FLAGS
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group under conf/ and its options (file stems)."""
+    root = resources.files(CONFIG_MODULE)
+    return {d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
+            for d in root.iterdir() if d.is_dir() and not d.name.startswith("_")}
+
+
+def quote_numeric_choices(overrides: list[str], groups: dict[str, list[str]]) -> list[str]:
+    """``H=8`` -> ``H='8'``: Hydra parses an unquoted 8 as an int, which it refuses as a
+    group choice, and the H/ and k/ groups are named by numbers."""
+    quoted = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+~") in groups and re.fullmatch(r"\d+(,\d+)*", value):
+            override = f"{key}=" + ",".join(f"'{v}'" for v in value.split(","))
+        quoted.append(override)
+    return quoted
+
+
+def schema_keys(node=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(node):
+        default = node.__dataclass_fields__[f.name].default_factory
+        child = default() if callable(default) else None
+        if is_dataclass(child):
+            keys += schema_keys(type(child), f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _diagnose(override, groups: dict[str, list[str]], keys: list[str]) -> None:
+    """Raise the one-line ConfigError that explains why Hydra refused ``override``."""
+    key = override.key_or_group
+    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
+        override.value() if isinstance(override.value(), str) else override.get_value_element_as_str()]
+    if key in groups:
+        for value in values:
+            if value not in groups[key] and value != "null":
+                raise ConfigError(f"{key}={value} is not allowed; choose one of: {', '.join(groups[key])}")
+        return
+    if key.startswith("optimizer."):
+        return
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown key '{key}'; {hint}allowed keys: {', '.join(keys)}")
+    schema = OmegaConf.structured(Config)
+    for value in values:
+        try:
+            OmegaConf.update(schema, key, None if value == "null" else OmegaConf.create({"v": value})["v"])
+        except Exception as err:  # omegaconf's ValidationError family
+            raise ConfigError(f"{key}={value} is not allowed: {str(err).splitlines()[0]}") from None
+
+
+def _variants(parsed) -> list[list[str]]:
+    """The base job (first value of every sweep) and each sweep value changed alone."""
+
+    def line(o, value):
+        return f"{o.get_key_element()}={value}"
+
+    choices = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+               if not o.is_delete() else [None] for o in parsed]
+    base = [c[0] for c in choices]
+
+    def render(values):
+        return [o.input_line if v is None else line(o, v) for o, v in zip(parsed, values)]
+
+    variants = [render(base)]
+    for i, c in enumerate(choices):
+        for value in c[1:]:
+            variants.append(render(base[:i] + [value] + base[i + 1:]))
+    return variants
+
+
+def check_optimizer(cfg) -> None:
+    """Construct the server update once, so its own argument checks run up front."""
+    from lagg_pipeline.config import HAND_OPTIMIZERS
+    from lagg_pipeline.jobs import hand_server_update
+
+    if cfg.optimizer.name in HAND_OPTIMIZERS:
+        hand_server_update(cfg.optimizer)
+
+
+def preflight(overrides: list[str]):
+    """Compose and validate every job the overrides describe; return the base job's config."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    config_module.register()
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    parsed = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    groups, keys = config_groups(), schema_keys()
+    base_cfg = None
+    GlobalHydra.instance().clear()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        for variant in _variants(parsed):
+            try:
+                cfg = compose("config", overrides=variant)
+            except Exception as err:
+                for o in parsed:
+                    _diagnose(o, groups, keys)
+                messages = [line for line in str(err).splitlines() if line.strip()]
+                raise ConfigError(messages[0] if messages else type(err).__name__) from None
+            validate(cfg)
+            check_optimizer(cfg)
+            base_cfg = base_cfg or cfg
+    GlobalHydra.instance().clear()
+    return base_cfg
+
+
+def _fail(message: str, code: int = 2):
+    print(f"lagg_pipeline: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+@hydra.main(config_path="pkg://lagg_pipeline.conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg):
+    from lagg_pipeline.jobs import UserError, run_job
+
+    try:
+        return run_job(cfg)
+    except (ConfigError, UserError) as err:
+        _fail(str(err), 2 if isinstance(err, ConfigError) else 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    flags, overrides = split_argv(argv)
+    config_module.register()
+    groups = config_groups()
+    overrides = quote_numeric_choices(overrides, groups)
+    argv = [*flags, *overrides]
+    if _INFO_FLAGS.intersection(flags):
+        sys.argv = [sys.argv[0], *argv]
+        return _hydra_main()
+    try:
+        base_cfg = preflight(overrides)
+    except ConfigError as err:
+        _fail(str(err))
+    parent = None
+    if {"-m", "--multirun"}.intersection(flags) and base_cfg.tracking.enabled:
+        from lagg_pipeline.tracking import start_run
+
+        parent = start_run(base_cfg.tracking, run_name=f"sweep: {' '.join(overrides)}"[:250],
+                           tags={"sweep": "parent", "task": base_cfg.task.name})
+        parent.log_params({"sweep_overrides": " ".join(overrides)})
+        argv = [*argv, f"tracking.parent_run_id={parent.run_id}"]
+    sys.argv = [sys.argv[0], *argv]
+    status = "FAILED"
+    try:
+        _hydra_main()
+        status = "FINISHED"
+    finally:
+        if parent is not None:
+            parent.end(status)

@@ -1,0 +1,148 @@
+"""The typed configuration schema and its one-line validation errors.
+
+Hydra composes ``conf/`` on top of :class:`Config` (registered in the ConfigStore as
+``base_config``), so types are enforced at composition; :func:`validate` adds the value
+checks (ranges, names, data sizes) that must pass before any compute starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+MODES = ("auto", "benchmark", "meta_train", "import_legacy")
+HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "fedadam", "fedyogi")
+LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
+MODELS = ("mlp", "conv")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is refused before any compute starts (one line)."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    dataset: str = MISSING
+    model: str = "mlp"
+    hidden_sizes: list[int] = field(default_factory=list)
+    image_size: Optional[int] = None  # resize images to image_size x image_size
+
+
+@dataclass
+class ScheduleConfig:
+    """Meta-learning-rate schedule (optax.warmup_cosine_decay_schedule or constant)."""
+
+    name: str = "warmup_cosine"
+    init_value: float = 3e-10
+    peak_value: float = 3e-3
+    warmup_steps: int = 100
+    end_value: float = 1e-3
+    exponent: float = 1.0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; default: sqlite under outputs/
+    experiment: str = "lagg_pipeline"
+    parent_run_id: Optional[str] = None  # set by the launcher for --multirun sweeps
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    mode: str = "auto"
+    # Each optimizer file holds its own constructor arguments, so this node is free-form.
+    optimizer: Any = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Client simulator (SPEC 1).
+    num_grads: int = 8
+    num_local_steps: int = 4
+    local_batch_size: int = 128
+    local_learning_rate: float = 0.5
+    # Hand-designed server updates (SPEC 2).
+    learning_rate: float = 1e-3
+    beta: float = 0.95
+    slowmo_learning_rate: float = 0.1
+    # Benchmark (SPEC 5).
+    num_runs: int = 5
+    num_rounds: int = 300
+    eval_every: int = 25
+    seed: int = 0
+    data_dir: Optional[str] = None
+    progress: bool = True
+    # Learned aggregators and meta-training (SPEC 3-4).
+    hidden_size: int = 32
+    num_tasks: int = 8
+    trunc_length: int = 50
+    pes_std: float = 0.01
+    num_inner_steps: int = 1000
+    truncation_schedule_min_length: int = 100
+    num_outer_steps: int = 100
+    weight_decay: float = 1e-4
+    save_iter: int = 25
+    checkpoints_to_keep: int = 10
+    resume: bool = False
+    checkpoint: Optional[str] = None  # meta_params.npz or an MLflow artifact URI (mode=benchmark)
+    checkpoint_dir: Optional[str] = None  # default outputs/checkpoints/<meta-run name>
+    legacy_path: Optional[str] = None
+    output_path: Optional[str] = None
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(cfg, *keys: str) -> None:
+    for key in keys:
+        value = cfg[key]
+        _require(value > 0, f"{key}={value} is not allowed; it must be > 0")
+
+
+def validate(cfg) -> None:
+    """Refuse values no run can use, with one line naming the key and what is allowed."""
+    from lagg_pipeline.data import DATASETS, split_sizes
+
+    _require(cfg.mode in MODES, f"mode={cfg.mode} is not allowed; choose one of: {', '.join(MODES)}")
+    name = cfg.optimizer.get("name")
+    allowed = HAND_OPTIMIZERS + LEARNED_OPTIMIZERS
+    _require(name in allowed, f"optimizer={name} is not allowed; choose one of: {', '.join(allowed)}")
+    _positive(cfg, "num_grads", "num_local_steps", "local_batch_size", "local_learning_rate",
+              "learning_rate", "slowmo_learning_rate", "num_runs", "num_rounds", "eval_every",
+              "hidden_size", "num_tasks", "trunc_length", "pes_std", "num_inner_steps",
+              "truncation_schedule_min_length", "num_outer_steps", "save_iter",
+              "checkpoints_to_keep")
+    _require(0 <= cfg.beta < 1, f"beta={cfg.beta} is not allowed; it must be in [0, 1)")
+    _require(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} is not allowed; it must be >= 0")
+    _require(cfg.truncation_schedule_min_length <= cfg.num_inner_steps,
+             f"truncation_schedule_min_length={cfg.truncation_schedule_min_length} is not allowed; "
+             f"it must be <= num_inner_steps={cfg.num_inner_steps}")
+    task = cfg.task
+    _require(task.dataset in DATASETS,
+             f"task.dataset={task.dataset} is not allowed; choose one of: {', '.join(DATASETS)}")
+    _require(task.model in MODELS, f"task.model={task.model} is not allowed; choose one of: {', '.join(MODELS)}")
+    _require(all(h > 0 for h in task.hidden_sizes),
+             f"task.hidden_sizes={list(task.hidden_sizes)} is not allowed; sizes must be > 0")
+    _require(task.image_size is None or task.image_size > 0,
+             f"task.image_size={task.image_size} is not allowed; it must be > 0 or null")
+    n_train = split_sizes(task.dataset)["train"]
+    _require(cfg.local_batch_size <= n_train,
+             f"local_batch_size={cfg.local_batch_size} is not allowed; it must be <= {n_train}, "
+             f"the size of {task.dataset}'s train split")
+    _require(cfg.schedule.name in ("warmup_cosine", "constant"),
+             f"schedule={cfg.schedule.name} is not allowed; choose one of: warmup_cosine, constant")
+    if cfg.mode == "import_legacy":
+        _require(cfg.legacy_path is not None, "legacy_path is required with mode=import_legacy")
+        _require(name in LEARNED_OPTIMIZERS,
+                 f"optimizer={name} is not allowed with mode=import_legacy; choose one of: "
+                 f"{', '.join(LEARNED_OPTIMIZERS)}")

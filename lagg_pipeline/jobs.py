@@ -1,0 +1,310 @@
+"""What one Hydra job does, dispatched on ``mode``: benchmark, meta-train, import."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from lagg_pipeline import tracking
+from lagg_pipeline.config import LEARNED_OPTIMIZERS, ConfigError, validate
+
+
+FEDAVG = {"name": "fedavg", "_target_": "lagg_pipeline.aggregators.hand.fedavg"}
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix (missing data, incompatible checkpoint): one line, exit 1."""
+
+
+def output_dir() -> Path:
+    """Hydra's run directory, or a fresh one under outputs/ when called outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        path = Path("outputs/runs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def load_task(cfg):
+    """The task's data splits (on the device) and its model."""
+    from lagg_pipeline.data import DataUnavailableError, load_splits
+    from lagg_pipeline.tasks import make_task
+
+    try:
+        splits = load_splits(cfg.task.dataset, image_size=cfg.task.image_size, data_dir=cfg.data_dir)
+    except DataUnavailableError as err:
+        raise UserError(str(err)) from None
+    return splits, make_task(cfg.task, tuple(splits.train.x.shape[1:]), splits.num_classes)
+
+
+def hand_server_update(optimizer_cfg):
+    """Instantiate a hand-designed server update from its ``_target_`` config."""
+    from hydra.utils import instantiate
+
+    args = {k: v for k, v in OmegaConf.to_container(optimizer_cfg, resolve=True).items() if k != "name"}
+    try:
+        return instantiate(args)
+    except Exception as err:  # instantiate wraps the constructor's ValueError
+        cause = err.__cause__ or err
+        raise ConfigError(f"optimizer={optimizer_cfg.name}: {str(cause).splitlines()[0]}") from None
+
+
+def run_tags(cfg, **extra):
+    return {"optimizer": cfg.optimizer.name, "task": cfg.task.name, "H": cfg.num_local_steps,
+            "K": cfg.num_grads, "seed": cfg.seed, "mode": cfg.mode, **extra}
+
+
+def start_job_run(cfg, run_name: str, **extra_tags):
+    """An MLflow run for this job with the flattened config and Hydra's files attached."""
+    run = tracking.start_run(cfg.tracking, run_name, run_tags(cfg, **extra_tags),
+                             parent_run_id=cfg.tracking.parent_run_id)
+    run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+    run.log_artifact(output_dir() / ".hydra", "hydra")
+    return run
+
+
+def log_benchmark(run, result, out: Path) -> None:
+    """Curves (mean and std over seeds, step = round), final metrics, plot and raw arrays."""
+    from lagg_pipeline.report import plot_curves, summary
+
+    rounds = np.arange(1, result.train_loss.shape[1] + 1)
+    series = {"train_loss": (rounds, result.train_loss.mean(0)),
+              "train_loss_std": (rounds, result.train_loss.std(0))}
+    for name in ("test_loss", "test_accuracy", "outer_valid_loss"):
+        values = getattr(result, name)
+        series[name] = (result.eval_rounds, values.mean(0))
+        series[f"{name}_std"] = (result.eval_rounds, values.std(0))
+    series["seconds_per_round"] = ([0], [result.seconds_per_round])
+    series["compile_seconds"] = ([0], [result.compile_seconds])
+    for name, (mean, std) in summary(result).items():
+        series[f"final_{name}"] = ([0], [mean])
+        series[f"final_{name}_std"] = ([0], [std])
+    run.log_metrics(series)
+    np.savez(out / f"{result.name}_curves.npz", **{k: v for k, v in result._asdict().items() if k != "name"})
+    run.log_artifact(out / f"{result.name}_curves.npz", "curves")
+    run.log_artifact(plot_curves([result], out / f"{result.name}_loss_vs_rounds.png"), "plots")
+
+
+def benchmark(cfg, server_update, name: str, splits, task, *, run=None, **tags):
+    """Run the benchmark protocol for one server update and record it."""
+    from lagg_pipeline.benchmark import run_benchmark
+
+    out = output_dir()
+    own_run = run is None
+    run = run or start_job_run(cfg, f"{name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}", **tags)
+    try:
+        result = run_benchmark(task, splits, server_update, name=name, num_grads=cfg.num_grads,
+                               num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
+                               local_learning_rate=cfg.local_learning_rate, num_runs=cfg.num_runs,
+                               num_rounds=cfg.num_rounds, eval_every=cfg.eval_every, seed=cfg.seed,
+                               progress=cfg.progress)
+        log_benchmark(run, result, out)
+    except BaseException:
+        if own_run:
+            run.end("FAILED")
+        raise
+    if own_run:
+        run.end()
+    return result
+
+
+def finish(results, out: Path, run=None) -> dict:
+    """Print the summary table, save the comparison plot; return final metrics."""
+    from lagg_pipeline.report import format_summary, plot_curves, summary
+
+    table = format_summary(results)
+    print(table)
+    (out / "summary.txt").write_text(table + "\n")
+    plot = plot_curves(results, out / "loss_vs_rounds.png")
+    print(f"plot: {plot}")
+    final = {r.name: {k: float(m) for k, (m, _) in summary(r).items()} for r in results}
+    (out / "summary.json").write_text(json.dumps(final, indent=2))
+    if run is not None:
+        run.log_artifact(plot, "plots")
+        run.log_artifact(out / "summary.txt")
+    return final
+
+
+def learned_aggregator(cfg):
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+
+    return LearnedAggregator(cfg.optimizer.name, cfg.num_grads, cfg.hidden_size)
+
+
+META_KEYS = ("num_grads", "num_local_steps", "local_batch_size", "local_learning_rate", "hidden_size",
+             "num_tasks", "trunc_length", "pes_std", "num_inner_steps", "truncation_schedule_min_length",
+             "num_outer_steps", "weight_decay", "seed")
+
+
+def meta_run_name(cfg) -> str:
+    """Names a meta-training run by what determines it, so resume=true finds it again."""
+    import hashlib
+
+    what = {k: cfg[k] for k in META_KEYS}
+    what.update(optimizer=cfg.optimizer.name, task=OmegaConf.to_container(cfg.task),
+                schedule=OmegaConf.to_container(cfg.schedule))
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.optimizer.name}_{cfg.task.name}_K{cfg.num_grads}_H{cfg.num_local_steps}_{digest}"
+
+
+def meta_params_metadata(cfg, **extra) -> dict:
+    return {"variant": cfg.optimizer.name, "num_grads": cfg.num_grads, "hidden_size": cfg.hidden_size,
+            "num_local_steps": cfg.num_local_steps, "local_learning_rate": cfg.local_learning_rate,
+            "task": cfg.task.name, **extra}
+
+
+def meta_train(cfg, splits, task, aggregator):
+    """Meta-train (or resume), export the meta-parameters; returns (meta_params, run)."""
+    import shutil
+
+    from lagg_pipeline.checkpoint import CheckpointManager, save_params
+    from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
+
+    if cfg.schedule.name == "warmup_cosine" and cfg.num_outer_steps <= cfg.schedule.warmup_steps:
+        raise ConfigError(f"num_outer_steps={cfg.num_outer_steps} is not allowed with schedule=warmup_cosine; "
+                          f"it must be > schedule.warmup_steps={cfg.schedule.warmup_steps}")
+    name = meta_run_name(cfg)
+    directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
+    manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
+    trainer = MetaTrainer(cfg, task, splits.train, aggregator)
+    state, run = None, None
+    if cfg.resume and manager.latest_step() is not None:
+        state, saved = manager.restore(trainer.init())
+        run = tracking.resume_run(cfg.tracking, saved["mlflow_run_id"]) if saved.get("mlflow_run_id") else None
+        print(f"resuming {name} at outer step {int(state.outer_step)} from {manager.latest_path()}")
+    elif cfg.resume:
+        print(f"resume=true: no checkpoint of {name} under {directory}; starting from scratch")
+    elif manager.latest_step() is not None:  # a fresh start never overwrites an older run
+        shutil.move(str(directory), f"{directory}.{time.strftime('%Y%m%d-%H%M%S')}")
+        manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
+    run = run or start_job_run(cfg, f"{cfg.optimizer.name} {cfg.task.name} H={cfg.num_local_steps} "
+                                    f"K={cfg.num_grads}", meta_run=name)
+    metadata = {"config": OmegaConf.to_container(cfg, resolve=True), "mlflow_run_id": run.run_id,
+                **meta_params_metadata(cfg)}
+    try:
+        state, history = run_meta_training(trainer, manager, run, metadata=metadata, state=state,
+                                           progress=cfg.progress)
+        out = output_dir()
+        exported = save_params(out / "meta_params.npz", state.meta_params,
+                               meta_params_metadata(cfg, outer_steps=int(state.outer_step), meta_run=name))
+        shutil.copy(exported, directory / "meta_params.npz")
+        run.log_artifact(exported, "meta_params")
+        if history:
+            run.log_artifact(plot_meta_loss(history, int(state.outer_step) - len(history), out), "plots")
+        print(f"meta-parameters: {exported} (and {directory / 'meta_params.npz'})")
+    except BaseException:
+        run.end("FAILED")
+        raise
+    return jax_tree(state.meta_params), run
+
+
+def jax_tree(tree):
+    import jax.numpy as jnp
+    from jax import tree as jtree
+
+    return jtree.map(jnp.asarray, tree)
+
+
+def plot_meta_loss(history, first_step: int, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(np.arange(first_step + 1, first_step + len(history) + 1), history)
+    ax.set(xlabel="outer step", ylabel="meta-loss (mean train loss over the truncation)", title="meta-training")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "meta_loss.png", dpi=110)
+    plt.close(fig)
+    return out / "meta_loss.png"
+
+
+def load_meta_params(cfg, aggregator):
+    """Meta-parameters from checkpoint=<file or MLflow artifact URI>, checked against the config."""
+    from lagg_pipeline.checkpoint import CheckpointError, load_params
+
+    location = cfg.checkpoint
+    if location is None:
+        raise ConfigError(f"mode=benchmark optimizer={cfg.optimizer.name} needs checkpoint=<meta_params.npz "
+                          f"or MLflow artifact URI>")
+    if "://" in location or location.startswith("runs:/"):
+        import mlflow
+
+        location = mlflow.artifacts.download_artifacts(artifact_uri=location,
+                                                       tracking_uri=tracking.tracking_uri(cfg.tracking.uri))
+    if not Path(location).is_file():
+        raise UserError(f"checkpoint={location}: no such file")
+    try:
+        meta_params, metadata = load_params(location)
+    except CheckpointError as err:
+        raise UserError(f"checkpoint={location}: {err}") from None
+    if metadata.get("variant") not in (None, cfg.optimizer.name):
+        raise UserError(f"checkpoint={location} holds {metadata['variant']} meta-parameters, "
+                        f"not optimizer={cfg.optimizer.name}")
+    meta_params = jax_tree(meta_params)
+    try:
+        aggregator.check_compatible(meta_params)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return meta_params, metadata
+
+
+def import_legacy_job(cfg):
+    from lagg_pipeline.legacy import LegacyFormatError, import_legacy
+
+    out = Path(cfg.output_path or output_dir() / "meta_params.npz")
+    try:
+        path = import_legacy(cfg.legacy_path, out, cfg.optimizer.name, cfg.num_grads, cfg.hidden_size)
+    except (LegacyFormatError, ValueError, OSError) as err:
+        raise UserError(f"legacy_path={cfg.legacy_path}: {err}") from None
+    print(f"imported {cfg.legacy_path} -> {path}\n"
+          f"benchmark it with: python -m lagg_pipeline mode=benchmark optimizer={cfg.optimizer.name} "
+          f"num_grads={cfg.num_grads} checkpoint={path}")
+    return str(path)
+
+
+def run_job(cfg):
+    """Entry of every Hydra job (also of each job of a --multirun sweep)."""
+    validate(cfg)
+    name = cfg.optimizer.name
+    learned = name in LEARNED_OPTIMIZERS
+    if cfg.mode == "import_legacy":
+        return import_legacy_job(cfg)
+    if not learned and cfg.mode == "meta_train":
+        raise ConfigError(f"mode=meta_train needs a learned optimizer ({', '.join(LEARNED_OPTIMIZERS)}); "
+                          f"optimizer={name} is hand-designed")
+    splits, task = load_task(cfg)
+    if not learned:
+        result = benchmark(cfg, hand_server_update(cfg.optimizer), name, splits, task)
+        return finish([result], output_dir())[name]["outer_valid_loss"]
+
+    aggregator = learned_aggregator(cfg)
+    if cfg.mode == "benchmark":
+        meta_params, metadata = load_meta_params(cfg, aggregator)
+        run = start_job_run(cfg, f"{name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}",
+                            checkpoint=cfg.checkpoint)
+    else:
+        meta_params, run = meta_train(cfg, splits, task, aggregator)
+        if cfg.mode == "meta_train":
+            run.end()
+            return None
+    try:
+        result = benchmark(cfg, aggregator.server_update(meta_params), name, splits, task, run=run)
+        baseline_cfg = cfg.copy()
+        baseline_cfg.optimizer = OmegaConf.create(FEDAVG)
+        baseline = benchmark(baseline_cfg, hand_server_update(baseline_cfg.optimizer), "fedavg", splits, task,
+                             baseline_for=run.run_id)
+        final = finish([result, baseline], output_dir(), run)
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end()
+    return final[name]["outer_valid_loss"]

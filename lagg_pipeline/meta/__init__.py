@@ -1,0 +1,1 @@
+"""Meta-training learned aggregators with truncated PES (SPEC section 4)."""

@@ -1,0 +1,133 @@
+"""Truncated Persistent Evolution Strategies over vmapped antithetic particles.
+
+N particles, each an inner training run, are unrolled in antithetic pairs with
+meta-parameters theta + eps_i and theta - eps_i that share data and random keys. One
+truncation of T rounds for all 2N members is a single ``lax.scan`` over rounds with a
+``vmap`` over members inside, so it compiles to one computation (SPEC section 4).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lagg_pipeline.meta.truncation import Episode, advance, initial_episodes, normalize_meta_loss
+from lagg_pipeline.simulator import RoundState, make_round_step
+
+MetaParams = Any
+
+
+class PESState(NamedTuple):
+    """What the particles carry from one truncation to the next."""
+
+    rounds: RoundState  # stacked [2N]: members 0..N-1 use theta + eps, N..2N-1 theta - eps
+    episode: Episode  # [N], shared by both members of a pair
+    accumulator: MetaParams  # xi, leaves [N, ...]: the perturbations of the current episodes
+    key: jax.Array  # resets draw their model inits, data streams and lengths from it
+
+
+class Truncation(NamedTuple):
+    """Per-round outputs of one truncation, each [T, ...]."""
+
+    loss: jax.Array  # [T, 2N] normalised meta-loss of every member
+    mask: jax.Array  # [T, N] 0 on reset steps
+    finished: jax.Array  # [T, N] the particle has reset at or before this step
+    step_size: jax.Array  # [T, 2N] mean |step| of the aggregator
+
+
+def _stack_pair(tree):
+    return jax.tree.map(lambda x: jnp.concatenate([x, x]), tree)
+
+
+def _where(cond_P, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(cond_P.reshape(-1, *(1,) * (x.ndim - 1)), x, y), a, b)
+
+
+class PES:
+    """The truncated-PES estimator for one learned aggregator on one task.
+
+    ``aggregator`` provides ``init_meta_params`` and ``server_update(meta_params)``, whose
+    state records the last round's ``mean_abs_step``;
+    ``task`` and ``train_split`` define the inner problem (SPEC sections 1 and 6).
+    """
+
+    def __init__(self, task, train_split, aggregator, *, num_tasks: int, trunc_length: int,
+                 pes_std: float, min_length: int, max_length: int, num_grads: int,
+                 num_local_steps: int, local_batch_size: int, local_learning_rate: float):
+        self.task, self.train_split, self.aggregator = task, train_split, aggregator
+        self.num_tasks, self.trunc_length, self.std = num_tasks, trunc_length, pes_std
+        self.min_length, self.max_length = min_length, max_length
+        self.round_args = dict(num_grads=num_grads, num_local_steps=num_local_steps,
+                               local_batch_size=local_batch_size, local_learning_rate=local_learning_rate)
+
+    def _round(self, meta_params, state: RoundState):
+        update = self.aggregator.server_update(meta_params)
+        return make_round_step(self.task, self.train_split, update, **self.round_args)(state)
+
+    def _fresh(self, meta_params, key) -> RoundState:
+        init_key, data_key = jax.random.split(key)
+        params = self.task.init(init_key)
+        return RoundState(params, self.aggregator.server_update(meta_params).init(params), data_key,
+                          jnp.int32(0))
+
+    def init(self, meta_params, key) -> PESState:
+        """Fresh particles with staggered episode offsets and zero accumulators."""
+        k_init, k_episode, k_next = jax.random.split(key, 3)
+        fresh = jax.vmap(self._fresh, in_axes=(None, 0))(meta_params, jax.random.split(k_init, self.num_tasks))
+        episode = initial_episodes(k_episode, self.num_tasks, self.min_length, self.max_length)
+        accumulator = jax.tree.map(lambda p: jnp.zeros((self.num_tasks, *p.shape), p.dtype), meta_params)
+        return PESState(_stack_pair(fresh), episode, accumulator, k_next)
+
+    def unroll(self, meta_params_2N, state: PESState) -> tuple[PESState, Truncation]:
+        """T rounds of all 2N members; finished episodes are reset in place."""
+
+        def body(carry, _):
+            rounds, episode, key = carry
+            key, k_reset, k_length = jax.random.split(key, 3)
+            episode, is_reset_N = advance(episode, k_length, self.min_length, self.max_length)
+            trained, loss_2N = jax.vmap(self._round)(meta_params_2N, rounds)
+            fresh_N = jax.vmap(self._fresh)(jax.tree.map(lambda x: x[:self.num_tasks], meta_params_2N),
+                                            jax.random.split(k_reset, self.num_tasks))
+            is_reset_2N = jnp.concatenate([is_reset_N, is_reset_N])
+            rounds = _where(is_reset_2N, _stack_pair(fresh_N), trained)
+            loss_2N = normalize_meta_loss(loss_2N, self.task.num_classes)
+            return (rounds, episode, key), (loss_2N, 1.0 - is_reset_N, is_reset_N,
+                                                 trained.server_state.mean_abs_step)
+
+        (rounds, episode, key), (loss, mask, is_reset, step_size) = jax.lax.scan(
+            body, (state.rounds, state.episode, state.key), None, length=self.trunc_length)
+        finished = jnp.cumsum(is_reset, axis=0) > 0
+        return state._replace(rounds=rounds, episode=episode, key=key), Truncation(loss, mask, finished, step_size)
+
+    def estimate(self, meta_params, state: PESState, key) -> tuple[MetaParams, PESState, dict]:
+        """One truncation: (PES gradient estimate, next state, metrics)."""
+        leaves, treedef = jax.tree.flatten(meta_params)
+        keys = jax.random.split(key, len(leaves))
+        eps_N = treedef.unflatten([self.std * jax.random.normal(k, (self.num_tasks, *p.shape), p.dtype)
+                                   for k, p in zip(keys, leaves)])
+        meta_2N = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), meta_params, eps_N)
+        state, out = self.unroll(meta_2N, state)
+
+        n = self.num_tasks
+        loss_pos, loss_neg = out.loss[:, :n], out.loss[:, n:]
+        diff = loss_pos - loss_neg
+        den = out.mask.sum(axis=0)
+        a_N = jnp.sum(diff * (1.0 - out.finished) * out.mask, axis=0) / den
+        b_N = jnp.sum(diff * out.finished * out.mask, axis=0) / den
+        accumulator = jax.tree.map(jnp.add, state.accumulator, eps_N)
+
+        def weighted_mean(xi, eps):
+            shape = (n, *(1,) * (xi.ndim - 1))
+            g = jnp.mean(a_N.reshape(shape) * xi + b_N.reshape(shape) * eps, axis=0) / (2 * self.std ** 2)
+            return jnp.nan_to_num(g, nan=0.0)
+
+        grad = jax.tree.map(weighted_mean, accumulator, eps_N)
+        any_reset_N = out.finished[-1]
+        state = state._replace(accumulator=_where(any_reset_N, eps_N, accumulator))
+        metrics = {
+            "meta_loss": jnp.sum(0.5 * (loss_pos + loss_neg) * out.mask) / jnp.sum(out.mask),
+            "aggregator_step_size": jnp.mean(out.step_size),
+            "episode_resets": jnp.sum(1.0 - out.mask),
+        }
+        return grad, state, metrics

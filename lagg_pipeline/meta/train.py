@@ -1,0 +1,108 @@
+"""The outer loop: AdamW on PES estimates, MLflow logging, atomic checkpoints, resume.
+
+Everything a run carries between outer steps lives in one :class:`MetaTrainState` of
+arrays, saved whole every ``save_iter`` steps, so a resumed run continues bit for bit.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from lagg_pipeline.checkpoint import CheckpointManager
+from lagg_pipeline.meta.pes import PES, PESState
+
+_LOG_EVERY = 10  # outer steps per MLflow batch: logging must not dominate
+
+
+class MetaTrainState(NamedTuple):
+    meta_params: Any
+    opt_state: Any
+    pes: PESState
+    key: jax.Array
+    outer_step: jax.Array  # int32
+
+
+def meta_learning_rate(schedule_cfg, num_outer_steps: int):
+    """The paper's warmup-cosine schedule (optax semantics: decay_steps includes warmup)."""
+    if schedule_cfg.name == "constant":
+        return optax.constant_schedule(schedule_cfg.peak_value)
+    # The reference passes decay_steps = num_outer_steps - warmup; short CPU runs keep at
+    # least one cosine step so the schedule stays defined.
+    decay_steps = max(num_outer_steps - schedule_cfg.warmup_steps, schedule_cfg.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=schedule_cfg.init_value, peak_value=schedule_cfg.peak_value,
+        warmup_steps=schedule_cfg.warmup_steps, decay_steps=decay_steps,
+        end_value=schedule_cfg.end_value, exponent=schedule_cfg.exponent)
+
+
+class MetaTrainer:
+    """Owns the PES estimator, the meta-optimizer and the jitted outer step."""
+
+    def __init__(self, cfg, task, train_split, aggregator):
+        self.cfg, self.aggregator = cfg, aggregator
+        self.schedule = meta_learning_rate(cfg.schedule, cfg.num_outer_steps)
+        self.optimizer = optax.adamw(self.schedule, weight_decay=cfg.weight_decay)
+        self.pes = PES(task, train_split, aggregator, num_tasks=cfg.num_tasks, trunc_length=cfg.trunc_length,
+                       pes_std=cfg.pes_std, min_length=cfg.truncation_schedule_min_length,
+                       max_length=cfg.num_inner_steps, num_grads=cfg.num_grads,
+                       num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
+                       local_learning_rate=cfg.local_learning_rate)
+        self.step = jax.jit(self._step)
+
+    def init(self) -> MetaTrainState:
+        key = jax.random.PRNGKey(self.cfg.seed)
+        k_meta, k_pes, k_next = jax.random.split(key, 3)
+        meta_params = self.aggregator.init_meta_params(k_meta)
+        return MetaTrainState(meta_params, self.optimizer.init(meta_params), self.pes.init(meta_params, k_pes),
+                              k_next, jnp.int32(0))
+
+    def _step(self, state: MetaTrainState):
+        key, k_est = jax.random.split(state.key)
+        grad, pes_state, metrics = self.pes.estimate(state.meta_params, state.pes, k_est)
+        updates, opt_state = self.optimizer.update(grad, state.opt_state, state.meta_params)
+        meta_params = optax.apply_updates(state.meta_params, updates)
+        metrics = {**metrics, "meta_grad_norm": optax.global_norm(grad),
+                   "meta_learning_rate": self.schedule(state.outer_step)}
+        return MetaTrainState(meta_params, opt_state, pes_state, key, state.outer_step + 1), metrics
+
+
+def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run, *, metadata: dict,
+                      state: MetaTrainState | None = None, progress: bool = True):
+    """Outer steps until num_outer_steps; returns (final state, meta-loss history)."""
+    cfg = trainer.cfg
+    state = state if state is not None else trainer.init()
+    start = int(state.outer_step)
+    history, pending = [], {}
+
+    def flush():
+        run.log_metrics({k: (np.array(s), np.array(v)) for k, (s, v) in pending.items()})
+        pending.clear()
+
+    with tqdm(total=cfg.num_outer_steps, initial=start, desc="meta-train", unit="outer step",
+              disable=not progress) as bar:
+        for outer_step in range(start + 1, cfg.num_outer_steps + 1):
+            t0 = time.perf_counter()
+            state, metrics = trainer.step(state)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics["seconds_per_outer_step"] = time.perf_counter() - t0
+            history.append(metrics["meta_loss"])
+            for name, value in metrics.items():
+                steps, values = pending.setdefault(name, ([], []))
+                steps.append(outer_step)
+                values.append(value)
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
+            if outer_step % _LOG_EVERY == 0:
+                flush()
+            if outer_step % cfg.save_iter == 0 or outer_step == cfg.num_outer_steps:
+                path = checkpoints.save(outer_step, state, metadata)
+                run.log_artifact(path, "checkpoints")
+    flush()
+    return state, history
+
