@@ -77,8 +77,8 @@ def _read_array_record(name: str, split: str, data_dir: str) -> tuple[np.ndarray
 def _prepared_formats(builder) -> set[str]:
     if not builder.is_prepared():
         return set()
-    return {str(getattr(builder.info, "file_format", "") or "")} | {
-        str(fmt) for fmt in getattr(builder.info, "alternative_file_formats", [])}
+    formats = [getattr(builder.info, "file_format", None), *getattr(builder.info, "alternative_file_formats", [])]
+    return {str(getattr(fmt, "value", fmt)) for fmt in formats if fmt}  # FileFormat's str() is not its value
 
 
 def _unavailable(name: str, data_dir: str) -> DataUnavailableError:

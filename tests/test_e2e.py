@@ -1,0 +1,158 @@
+"""Slow end-to-end smoke tests: the command line as a user runs it, MLflow as they read it."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "original_lopt_a_k8.pickle"
+TINY_BENCH = ["num_runs=2", "num_rounds=20", "eval_every=10", "progress=false"]
+TINY_META = ["num_tasks=2", "trunc_length=5", "num_inner_steps=30", "truncation_schedule_min_length=10",
+             "num_outer_steps=4", "schedule=constant", "save_iter=2"]
+
+
+def cli(*args, python=sys.executable, check=True, cwd=None):
+    result = subprocess.run([python, "-m", "lagg_pipeline", *args], capture_output=True, text=True,
+                            cwd=cwd, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def mlflow_runs():
+    import mlflow
+
+    uri = f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=["lagg_pipeline"], output_format="list")
+
+
+def test_benchmark_run_is_recorded_in_mlflow():
+    out = cli("optimizer=fedavg", *TINY_BENCH)
+    assert "fedavg" in out.stdout and "± " in out.stdout
+    (run,) = mlflow_runs()
+    assert run.info.status == "FINISHED"
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert tags["optimizer"] == "fedavg" and tags["H"] == "4" and tags["K"] == "8" and tags["task"] == "digits_mlp"
+    assert len(tags["git_commit"]) in (40, 7) or tags["git_commit"] == "unknown"
+    assert params["num_local_steps"] == "4" and params["optimizer.name"] == "fedavg"
+    for name in ("train_loss", "test_loss", "test_accuracy", "outer_valid_loss", "seconds_per_round"):
+        assert name in metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+    test_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy"))
+    assert test_steps == [0, 10, 20]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"hydra", "plots", "curves"} <= artifacts
+    hydra_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert {"config.yaml", "overrides.yaml"} <= hydra_files
+
+
+def test_sweep_has_one_parent_and_a_child_per_job():
+    cli("--multirun", "optimizer=fedavg,slowmo", "H=4,8", *TINY_BENCH)
+    runs = mlflow_runs()
+    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {(c.data.tags["optimizer"], c.data.tags["H"]) for c in children} == {
+        ("fedavg", "4"), ("fedavg", "8"), ("slowmo", "4"), ("slowmo", "8")}
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_joblib_launcher_runs_a_sweep_in_parallel():
+    cli("--multirun", "launcher=joblib", "optimizer=fedavg,sgd", *TINY_BENCH)
+    assert len([r for r in mlflow_runs() if r.data.tags.get("mlflow.parentRunId")]) == 2
+
+
+@pytest.mark.parametrize("variant", ["lagg_a", "lopt_a", "lagg", "lopt"])
+def test_learned_aggregator_meta_trains_then_benchmarks_beside_fedavg(variant):
+    out = cli(f"optimizer={variant}", *TINY_META, *TINY_BENCH)
+    assert variant in out.stdout and "fedavg" in out.stdout
+    runs = {r.data.tags["optimizer"]: r for r in mlflow_runs()}
+    assert set(runs) == {variant, "fedavg"}
+    learned = runs[variant].data.metrics
+    assert {"meta_loss", "meta_grad_norm", "meta_learning_rate", "aggregator_step_size",
+            "seconds_per_outer_step", "train_loss", "test_accuracy"} <= set(learned)
+    exported = sorted(Path("outputs/runs").rglob("meta_params.npz"))
+    assert exported
+    # The exported file benchmarks on its own.
+    again = cli("mode=benchmark", f"optimizer={variant}", f"checkpoint={exported[0]}", *TINY_BENCH)
+    assert variant in again.stdout
+
+
+def test_lagg_a_with_another_k_stops_with_a_clear_message():
+    cli("optimizer=lagg_a", "mode=meta_train", *TINY_META, "progress=false")
+    exported = sorted(Path("outputs/runs").rglob("meta_params.npz"))[0]
+    out = cli("mode=benchmark", "optimizer=lagg_a", "num_grads=16", f"checkpoint={exported}", *TINY_BENCH,
+              check=False)
+    assert out.returncode == 1
+    assert "trained for K=8" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_kill_during_meta_training_then_resume_equals_uninterrupted():
+    args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=12", "save_iter=3",
+            "progress=false"]
+    cli(*args, "checkpoint_dir=straight")
+    proc = subprocess.Popen([sys.executable, "-m", "lagg_pipeline", *args, "checkpoint_dir=killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(Path("killed").rglob("ckpt_00000006.npz")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = [p for p in Path("killed").iterdir() if p.is_dir()]
+    assert not (run_dir / "ckpt_00000012.npz").exists(), "the run finished before it was killed"
+    out = cli(*args, "checkpoint_dir=killed", "resume=true")
+    assert "resuming" in out.stdout
+    (straight_dir,) = [p for p in Path("straight").iterdir() if p.is_dir()]
+    a, b = np.load(straight_dir / "meta_params.npz"), np.load(run_dir / "meta_params.npz")
+    assert set(a.files) == set(b.files)
+    for name in a.files:
+        if name != "__metadata__":
+            np.testing.assert_array_equal(a[name], b[name])
+    resumed = [r for r in mlflow_runs() if r.data.tags.get("meta_run") == run_dir.name]
+    assert len(resumed) == 1  # the resumed run logs into the run it continues
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="../shared/fixtures is not present")
+def test_import_legacy_then_benchmark():
+    out = cli("mode=import_legacy", f"legacy_path={FIXTURE}", "optimizer=lopt_a", "num_grads=8",
+              "output_path=imported.npz")
+    assert Path("imported.npz").exists() and "mode=benchmark" in out.stdout
+    bench = cli("mode=benchmark", "optimizer=lopt_a", "checkpoint=imported.npz", *TINY_BENCH)
+    assert "lopt_a" in bench.stdout
+    refused = cli("mode=import_legacy", f"legacy_path={FIXTURE}", "optimizer=lagg_a", "num_grads=8",
+                  "output_path=x.npz", check=False)
+    assert refused.returncode == 1 and "width 39" in refused.stderr
+
+
+def test_regular_install_runs_from_another_directory(tmp_path):
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    # Reuse this environment's dependencies (not its editable install of the package).
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    str(REPO)], check=True, cwd=tmp_path, timeout=600)
+    where = subprocess.run([str(python), "-c", "import lagg_pipeline.conf as c; print(c.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert str(venv) in where, where  # the installed copy, not the repository
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = cli("optimizer=fedavg", *TINY_BENCH, python=str(python), cwd=elsewhere)
+    assert "fedavg" in out.stdout and (elsewhere / "outputs" / "mlflow.db").exists()

@@ -1,0 +1,67 @@
+"""The outer loop: checkpoints hold everything, and resuming equals never stopping."""
+import jax
+import numpy as np
+import pytest
+
+from lagg_pipeline.aggregators.learned import LearnedAggregator
+from lagg_pipeline.checkpoint import CheckpointManager
+from lagg_pipeline.meta.train import MetaTrainer, meta_learning_rate, run_meta_training
+from lagg_pipeline.tracking import NullRun
+from test_pes import linear_task, synthetic_split, tiny_cfg
+
+
+def make_trainer(cfg):
+    aggregator = LearnedAggregator(cfg.optimizer.name, cfg.num_grads, cfg.hidden_size)
+    return MetaTrainer(cfg, linear_task(), synthetic_split(), aggregator)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    cfg = tiny_cfg(optimizer="lopt_a", num_outer_steps=6, save_iter=2, trunc_length=4,
+                   schedule={"name": "warmup_cosine", "warmup_steps": 2})
+    straight, _ = run_meta_training(make_trainer(cfg), CheckpointManager(tmp_path / "a"), NullRun(),
+                                    metadata={}, progress=False)
+
+    trainer = make_trainer(cfg)
+    step, calls = trainer.step, []
+
+    def dies_in_step_5(state):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Interrupt
+        return step(state)
+
+    trainer.step = dies_in_step_5
+    manager = CheckpointManager(tmp_path / "b")
+    with pytest.raises(Interrupt):
+        run_meta_training(trainer, manager, NullRun(), metadata={"note": "x"}, progress=False)
+    assert manager.latest_step() == 4
+
+    fresh = make_trainer(cfg)
+    state, metadata = manager.restore(fresh.init())
+    assert int(state.outer_step) == 4 and metadata["note"] == "x"
+    resumed, history = run_meta_training(fresh, manager, NullRun(), metadata={}, state=state, progress=False)
+    assert len(history) == 2 and int(resumed.outer_step) == 6
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_keeps_the_newest_and_points_to_latest(tmp_path):
+    cfg = tiny_cfg(num_outer_steps=5, save_iter=1, checkpoints_to_keep=2, trunc_length=2)
+    manager = CheckpointManager(tmp_path, keep=cfg.checkpoints_to_keep)
+    run_meta_training(make_trainer(cfg), manager, NullRun(), metadata={}, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.npz")) == ["ckpt_00000004.npz", "ckpt_00000005.npz"]
+    assert (tmp_path / "latest").read_text() == "ckpt_00000005.npz"
+
+
+def test_paper_schedule_warms_up_then_decays_to_the_end_value():
+    cfg = tiny_cfg(num_outer_steps=5000, schedule={"name": "warmup_cosine", "warmup_steps": 100,
+                                                  "init_value": 3e-10, "peak_value": 3e-3, "end_value": 1e-3})
+    schedule = meta_learning_rate(cfg.schedule, cfg.num_outer_steps)
+    assert float(schedule(0)) < 1e-9
+    np.testing.assert_allclose(float(schedule(100)), 3e-3, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(4900)), 1e-3, rtol=1e-5)
+    assert 1e-3 < float(schedule(2000)) < 3e-3

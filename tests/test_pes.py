@@ -1,0 +1,143 @@
+"""Truncated PES: episode bookkeeping, agreement with finite differences, and learning."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from lagg_pipeline.aggregators.learned import LearnedAggregator
+from lagg_pipeline.config import Config
+from lagg_pipeline.data import Split
+from lagg_pipeline.meta.pes import PES
+from lagg_pipeline.meta.train import MetaTrainer
+from lagg_pipeline.meta.truncation import Episode, advance, initial_episodes, normalize_meta_loss, sample_lengths
+from lagg_pipeline.tasks import Task
+
+
+def linear_task(dim=4, classes=3):
+    """Softmax regression: a tiny convex inner problem."""
+
+    def init(key):
+        return {"w": 0.1 * jax.random.normal(key, (dim, classes)), "b": jnp.zeros(classes)}
+
+    def apply(params, x):
+        return x.reshape(x.shape[0], -1) @ params["w"] + params["b"]
+
+    return Task("linear", init, apply, classes)
+
+
+def synthetic_split(n=64, dim=4, classes=3):
+    kx, kw = jax.random.split(jax.random.PRNGKey(42))
+    x = jax.random.normal(kx, (n, dim, 1, 1))
+    y = jnp.argmax(x.reshape(n, dim) @ jax.random.normal(kw, (dim, classes)), axis=-1).astype(jnp.int32)
+    return Split(x, y)
+
+
+def tiny_cfg(**overrides):
+    base = {"optimizer": {"name": overrides.pop("optimizer", "lopt")}, "num_grads": 2, "num_local_steps": 2,
+            "local_batch_size": 8, "local_learning_rate": 0.3, "hidden_size": 8, "num_tasks": 4,
+            "trunc_length": 5, "num_inner_steps": 40, "truncation_schedule_min_length": 10,
+            "num_outer_steps": 8, "schedule": {"name": "constant", "peak_value": 3e-3}}
+    return OmegaConf.merge(OmegaConf.structured(Config), base, overrides)
+
+
+def test_lengths_are_log_uniform_within_bounds():
+    lengths = np.asarray(sample_lengths(jax.random.PRNGKey(0), (20000,), 100, 1000))
+    assert lengths.min() >= 100 and lengths.max() < 1000
+    # log-uniform: the median is near sqrt(100 * 1000) ~ 316, not the midpoint 550.
+    assert 290 < np.median(lengths) < 345
+
+
+def test_initial_offsets_are_staggered_and_resets_happen_at_the_end():
+    episode = initial_episodes(jax.random.PRNGKey(1), 64, 100, 1000)
+    assert len(np.unique(np.asarray(episode.step))) > 40
+    assert np.all(np.asarray(episode.step) < 1000)
+    episode = Episode(jnp.array([3, 5, 9]), jnp.array([5, 5, 10]))
+    nxt, is_reset = advance(episode, jax.random.PRNGKey(2), 100, 1000)
+    np.testing.assert_array_equal(is_reset, [False, True, False])
+    np.testing.assert_array_equal(nxt.step, [4, 0, 10])
+    assert nxt.length[0] == 5 and nxt.length[2] == 10 and 100 <= int(nxt.length[1]) < 1000
+
+
+def test_meta_loss_is_clipped_and_nan_is_the_maximum():
+    top = 1.5 * np.log(10)
+    out = normalize_meta_loss(jnp.array([-1.0, 0.5, 100.0, jnp.nan, jnp.inf]), 10)
+    np.testing.assert_allclose(out, [0.0, 0.5, top, top, top], rtol=1e-6)
+
+
+def _pes(num_tasks, trunc_length, variant="lopt"):
+    aggregator = LearnedAggregator(variant, num_grads=2, hidden_size=8)
+    pes = PES(linear_task(), synthetic_split(), aggregator, num_tasks=num_tasks, trunc_length=trunc_length,
+              pes_std=0.01, min_length=1000, max_length=1001, num_grads=2, num_local_steps=2,
+              local_batch_size=8, local_learning_rate=0.3)
+    return aggregator, pes
+
+
+def test_pes_agrees_with_finite_differences_of_the_truncated_objective():
+    num_tasks, T = 256, 4
+    aggregator, pes = _pes(num_tasks, T)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    # Episodes that cannot end inside the window: the objective is the plain T-round loss.
+    state = pes.init(theta, jax.random.PRNGKey(1))
+    state = state._replace(episode=Episode(jnp.zeros(num_tasks, jnp.int32), jnp.full(num_tasks, 1000, jnp.int32)))
+
+    def objective(meta):
+        meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (2 * num_tasks, *p.shape)), meta)
+        return jnp.mean(pes.unroll(meta_2N, state)[1].loss)
+
+    grad = jax.grad(objective)(theta)
+    norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grad)))
+    u = jax.tree.map(lambda g: g / norm, grad)
+    h = 0.05
+    shifted = lambda s: jax.tree.map(lambda p, d: p + s * h * d, theta, u)
+    slope = (objective(shifted(1.0)) - objective(shifted(-1.0))) / (2 * h)
+    assert abs(float(slope) - float(norm)) < 0.1 * float(norm), "autodiff and finite differences disagree"
+
+    estimate, _, _ = jax.jit(pes.estimate)(theta, state, jax.random.PRNGKey(3))
+    along = sum(jnp.sum(e * d) for e, d in zip(jax.tree.leaves(estimate), jax.tree.leaves(u)))
+    assert float(slope) > 0 or float(slope) < 0  # a real, non-zero slope to compare against
+    assert np.sign(float(along)) == np.sign(float(slope))
+    assert 0.6 < float(along) / float(slope) < 1.4, (float(along), float(slope))
+
+
+def test_resets_are_masked_and_restart_the_accumulator():
+    num_tasks, T = 3, 6
+    aggregator, pes = _pes(num_tasks, T)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    state = pes.init(theta, jax.random.PRNGKey(1))
+    # Particle 0 ends after 2 more rounds, the others run on.
+    state = state._replace(episode=Episode(jnp.array([8, 0, 0], jnp.int32), jnp.array([10, 1000, 1000], jnp.int32)))
+    meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (2 * num_tasks, *p.shape)), theta)
+    new_state, out = pes.unroll(meta_2N, state)
+    np.testing.assert_array_equal(out.mask[:, 0], [1, 1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(out.finished[:, 0], [0, 0, 1, 1, 1, 1])
+    assert np.all(out.mask[:, 1:] == 1) and not np.any(out.finished[:, 1:])
+    assert int(new_state.episode.step[0]) == 3  # reset at step 3, then 3 rounds of the new episode
+    _, after, _ = pes.estimate(theta, state, jax.random.PRNGKey(5))
+    eps_like = jax.tree.leaves(after.accumulator)[0]
+    # The reset particle's accumulator holds this window's eps only; the others' add up.
+    assert np.all(np.isfinite(np.asarray(eps_like)))
+
+
+def test_meta_training_makes_the_learned_update_train_faster():
+    """A few outer steps on the tiny task: the learned update reaches a lower inner loss."""
+    cfg = tiny_cfg(num_outer_steps=30, schedule={"name": "constant", "peak_value": 3e-2})
+    aggregator = LearnedAggregator("lopt", cfg.num_grads, cfg.hidden_size)
+    trainer = MetaTrainer(cfg, linear_task(), synthetic_split(), aggregator)
+    state = trainer.init()
+
+    def inner_loss(meta_params):
+        eval_pes = PES(linear_task(), synthetic_split(), aggregator, num_tasks=16, trunc_length=30,
+                       pes_std=0.01, min_length=1000, max_length=1001, num_grads=2, num_local_steps=2,
+                       local_batch_size=8, local_learning_rate=0.3)
+        s = eval_pes.init(meta_params, jax.random.PRNGKey(7))
+        s = s._replace(episode=Episode(jnp.zeros(16, jnp.int32), jnp.full(16, 1000, jnp.int32)))
+        meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (32, *p.shape)), meta_params)
+        return float(jnp.mean(eval_pes.unroll(meta_2N, s)[1].loss[-5:]))
+
+    before = inner_loss(state.meta_params)
+    for _ in range(cfg.num_outer_steps):
+        state, metrics = trainer.step(state)
+    after = inner_loss(state.meta_params)
+    assert np.isfinite(float(metrics["meta_loss"]))
+    assert after < before - 0.01, (before, after)
