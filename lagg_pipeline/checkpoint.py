@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,22 @@ import numpy as np
 
 META_KEY = "__metadata__"
 PARAMS_FORMAT = "lagg_pipeline.meta_params"
+PARAMS_VERSION = 1
 TREE_KEYS = "tree_keys"
+POINTER = "latest"
 _CKPT = re.compile(r"^ckpt_(\d{8})\.npz$")
+_TMP_SUFFIX = ".tmp"
+# Plain numbers only: object arrays would need pickle, and extension dtypes (bfloat16)
+# come back from .npz as opaque void bytes.
+_NUMERIC_KINDS = "biufc"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match what it is loaded into (one line)."""
+    """A checkpoint that cannot be written, read, or matched to its template (one line)."""
 
 
 def _path_parts(path) -> list[str]:
+    """Key-path entries as strings: dict keys, NamedTuple field names, sequence indices."""
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -41,13 +49,30 @@ def _path_name(path) -> str:
     return "/".join(_path_parts(path))
 
 
+def _as_array(name: str, leaf) -> np.ndarray:
+    """One leaf as a plain numeric numpy array, or a CheckpointError naming its path."""
+    try:
+        array = np.asarray(leaf)
+    except TypeError as err:  # typed PRNG keys: jax.random.key_data gives their uint32 words
+        raise CheckpointError(f"cannot save {name!r}: {err}") from None
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise CheckpointError(f"cannot save {name!r}: dtype {array.dtype} is not a plain numeric dtype")
+    return array
+
+
 def flatten(tree) -> dict[str, np.ndarray]:
     """{"a/b/0": array} for every leaf, named by its key path."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_path_name(path): np.asarray(leaf) for path, leaf in leaves}
+    arrays: dict[str, np.ndarray] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = _path_name(path)
+        if name in arrays:  # e.g. {"a/b": x} next to {"a": {"b": y}}
+            raise CheckpointError(f"two leaves share the checkpoint name {name!r}")
+        arrays[name] = _as_array(name, leaf)
+    return arrays
 
 
 def _fsync_dir(directory: Path) -> None:
+    """Persist a rename; skipped where directories cannot be opened (Windows)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -59,9 +84,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _atomic_write(path: Path, write) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -75,27 +101,45 @@ def _atomic_write(path: Path, write) -> Path:
     return path
 
 
+def _write_npz(f, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez's layout, written member by member so no name can clash with its keyword arguments."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
 def save_arrays(path, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> Path:
     """Write named arrays and JSON metadata to ``path`` atomically."""
     if META_KEY in arrays:
         raise CheckpointError(f"{META_KEY} is a reserved name")
-    payload = {**arrays, META_KEY: np.frombuffer(json.dumps(metadata or {}).encode(), np.uint8)}
-    return _atomic_write(Path(path), lambda f: np.savez(f, **payload))
+    arrays = {name: _as_array(name, array) for name, array in arrays.items()}
+    try:
+        text = json.dumps(metadata or {})
+    except TypeError as err:
+        raise CheckpointError(f"checkpoint metadata must be JSON: {err}") from None
+    payload = {**arrays, META_KEY: np.frombuffer(text.encode(), np.uint8)}
+    return _atomic_write(Path(path), lambda f: _write_npz(f, payload))
 
 
 def load_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
     """Named arrays and metadata; object arrays (pickles) are refused."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except ValueError as err:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                arrays = {name: data[name] for name in data.files}
+    except (ValueError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path}: refusing to load: {err}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CheckpointError(f"{path} holds a single array, not an .npz checkpoint")
     raw = arrays.pop(META_KEY, None)
     metadata = json.loads(raw.tobytes().decode()) if raw is not None else {}
     return arrays, metadata
 
 
 def save_pytree(path, tree, metadata: dict | None = None) -> Path:
+    """Write every leaf of ``tree`` under its key-path name, with JSON metadata, atomically."""
     return save_arrays(path, flatten(tree), metadata)
 
 
@@ -113,7 +157,7 @@ def load_pytree(path, template) -> tuple[Any, dict]:
     restored = []
     for name, (_, want) in zip(names, leaves):
         got = arrays[name]
-        want = np.asarray(want)
+        want = _as_array(name, want)
         if got.shape != want.shape or got.dtype != want.dtype:
             raise CheckpointError(f"{path}: {name!r} is {got.dtype}{list(got.shape)}, "
                                   f"expected {want.dtype}{list(want.shape)}")
@@ -123,19 +167,26 @@ def load_pytree(path, template) -> tuple[Any, dict]:
 
 def save_params(path, params: dict, metadata: dict | None = None) -> Path:
     """Export a nested dict of arrays (meta-parameters) with a format tag."""
-    # Haiku names hold "/" ("mlp/~/linear_0"), so the dict keys of every leaf are stored too.
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    for key_path, _ in leaves:
+        if not all(isinstance(k, jax.tree_util.DictKey) for k in key_path):
+            raise CheckpointError(f"save_params takes nested dicts of arrays; "
+                                  f"{jax.tree_util.keystr(key_path)} is not under dict keys only")
+    # Haiku names hold "/" ("mlp/~/linear_0"), so the dict keys of every leaf are stored too.
     tree_keys = {_path_name(p): _path_parts(p) for p, _ in leaves}
-    return save_pytree(path, params, {"format": PARAMS_FORMAT, "version": 1, **(metadata or {}),
-                                      TREE_KEYS: tree_keys})
+    return save_pytree(path, params, {**(metadata or {}), "format": PARAMS_FORMAT,
+                                      "version": PARAMS_VERSION, TREE_KEYS: tree_keys})
 
 
 def load_params(path) -> tuple[dict, dict]:
-    """A nested dict rebuilt from "/"-separated names, without a template."""
+    """A nested dict of numpy arrays rebuilt from the stored keys, without a template."""
     arrays, metadata = load_arrays(path)
     if metadata.get("format") != PARAMS_FORMAT:
         raise CheckpointError(f"{path} is not an exported meta-parameter file "
                               f"(format {metadata.get('format')!r}, expected {PARAMS_FORMAT!r})")
+    if metadata.get("version") != PARAMS_VERSION:
+        raise CheckpointError(f"{path} has meta-parameter file version {metadata.get('version')!r}; "
+                              f"this code reads version {PARAMS_VERSION}")
     tree_keys = metadata.pop(TREE_KEYS, None) or {}
     tree: dict = {}
     for name, value in arrays.items():
@@ -152,18 +203,23 @@ class CheckpointManager:
     ``latest`` pointer file naming the newest, as the reference code lays them out."""
 
     def __init__(self, directory, keep: int = 10):
+        if keep < 1:
+            raise CheckpointError(f"keep={keep} is not allowed; it must be >= 1")
         self.directory, self.keep = Path(directory), keep
 
     def _steps(self) -> list[int]:
+        """Steps of complete checkpoint files; temporary files never match the name pattern."""
         if not self.directory.is_dir():
             return []
         return sorted(int(m.group(1)) for f in self.directory.iterdir() if (m := _CKPT.match(f.name)))
 
     def path(self, step: int) -> Path:
+        """Where step's checkpoint lives (whether or not it exists)."""
         return self.directory / f"ckpt_{step:08d}.npz"
 
     def latest_step(self) -> int | None:
-        pointer = self.directory / "latest"
+        """The step the ``latest`` pointer names, else the newest checkpoint file, else None."""
+        pointer = self.directory / POINTER
         if pointer.is_file():
             match = _CKPT.match(pointer.read_text().strip())
             if match and self.path(int(match.group(1))).is_file():
@@ -172,20 +228,27 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def latest_path(self) -> Path | None:
+        """The file of :meth:`latest_step`, or None."""
         step = self.latest_step()
         return None if step is None else self.path(step)
 
     def save(self, step: int, tree, metadata: dict | None = None) -> Path:
-        for stale in self.directory.glob(".*.tmp") if self.directory.is_dir() else []:
-            stale.unlink(missing_ok=True)  # left by a crash mid-write
+        """Write step's checkpoint, point ``latest`` at it, then prune to the newest ``keep``."""
+        if self.directory.is_dir():
+            for stale in self.directory.glob(f".*{_TMP_SUFFIX}"):
+                stale.unlink(missing_ok=True)  # left by a crash (SIGKILL) mid-write
         path = save_pytree(self.path(step), tree, {**(metadata or {}), "step": step})
-        _atomic_write(self.directory / "latest", lambda f: f.write(path.name.encode()))
-        for old in self._steps()[:-self.keep]:
+        _atomic_write(self.directory / POINTER, lambda f: f.write(path.name.encode()))
+        # The file just written survives even if a rerun saves below older steps.
+        for old in [s for s in self._steps() if s != step][:-(self.keep - 1) or None]:
             self.path(old).unlink(missing_ok=True)
         return path
 
     def restore(self, template, step: int | None = None) -> tuple[Any, dict]:
+        """(tree, metadata) of ``step`` (default: the latest), shaped like ``template``."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        if not self.path(step).is_file():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}")
         return load_pytree(self.path(step), template)

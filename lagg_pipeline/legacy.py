@@ -27,14 +27,6 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
-def _numpy_scalar():
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    return scalar
-
-
 def _reconstruct_jax_array(fun, args, arr_state, aval_state):
     """JAX 0.4's ``_reconstruct_array`` as plain numpy; aval_state (weak_type, named_shape) is dropped."""
     if fun is not _numpy_reconstruct():
@@ -44,13 +36,13 @@ def _reconstruct_jax_array(fun, args, arr_state, aval_state):
     return array
 
 
-# (module, name) -> the object it may resolve to; nothing else is ever imported.
+# (module, name) -> the object it resolves to; nothing else is ever imported. This is all a
+# pickled ndarray (protocol <= 4) or JAX 0.4 array needs: _reconstruct(ndarray, shape, dtype)
+# then ndarray.__setstate__; "numpy.core" is numpy 1's name and "numpy._core" numpy 2's.
 _ALLOWED = {
     ("jax._src.array", "_reconstruct_array"): lambda: _reconstruct_jax_array,
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
 }
@@ -67,35 +59,58 @@ class RestrictedUnpickler(pickle.Unpickler):
         return allowed()
 
 
-NN_SHAPES = ("w0", "b0", "w1", "b1", "w2", "b2")
+NN_KEYS = ("w0", "b0", "w1", "b1", "w2", "b2")
 DECAY_SHAPES = {"momentum_decays": (3,), "rms_decays": (1,), "adafactor_decays": (3,)}
 
 
 def input_width(variant: str, num_grads: int) -> int:
     """Network input width: K+38 (lagg_a), 39 (lopt_a), K+12 (lagg), 13 (lopt)."""
-    from lagg_pipeline.aggregators.learned import LearnedAggregator
+    # SPEC 3.2: K worker deltas (lagg*) or their mean (lopt*), p, 11 step features; *_a add 26 accumulator columns.
+    widths = {"lagg_a": num_grads + 38, "lopt_a": 39, "lagg": num_grads + 12, "lopt": 13}
+    if variant not in widths:
+        raise ValueError(f"unknown learned aggregator {variant!r}; allowed: {', '.join(widths)}")
+    return widths[variant]
 
-    return LearnedAggregator(variant, num_grads).input_width
+
+def _describe_width(width: int) -> str:
+    """Which legacy (adafactor) variant a first-layer width belongs to."""
+    if width == input_width("lopt_a", 0):
+        return "lopt_a"
+    if width > input_width("lagg_a", 0):
+        return f"lagg_a at num_grads={width - input_width('lagg_a', 0)}"
+    return "neither lagg_a nor lopt_a"
 
 
-def load_legacy_meta_params(path) -> dict:
-    """The reference's adafactor-variant meta-parameters as float32 numpy arrays."""
+def _unpickle(path):
+    """The file's object, built only from plain containers and allowlisted array globals."""
     try:
         with open(path, "rb") as f:
-            data = RestrictedUnpickler(f).load()
+            return RestrictedUnpickler(f).load()
     except LegacyFormatError:
         raise
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
         raise LegacyFormatError(f"{path} is not a readable legacy pickle: {err}") from None
+
+
+def _as_float32(path, data) -> dict:
+    """The reference's layout picked out of ``data``, each entry a float32 numpy array."""
+    if not isinstance(data, dict):
+        raise LegacyFormatError(f"{path} holds a {type(data).__name__}, not the reference's dict of "
+                                f"meta-parameters")
     try:
         nn = data["nn"]["~"]
         params = {k: np.asarray(data[k], np.float32) for k in DECAY_SHAPES}
-        params["nn"] = {"~": {k: np.asarray(nn[k], np.float32) for k in NN_SHAPES}}
-    except (KeyError, TypeError) as err:
+        params["nn"] = {"~": {k: np.asarray(nn[k], np.float32) for k in NN_KEYS}}
+    except (KeyError, TypeError) as err:  # TypeError: "nn" is not a dict
         raise LegacyFormatError(f"{path} lacks the expected entry {err}; expected keys "
-                                f"{sorted(DECAY_SHAPES)} and nn/~/{{{', '.join(NN_SHAPES)}}}") from None
+                                f"{sorted(DECAY_SHAPES)} and nn/~/{{{', '.join(NN_KEYS)}}}") from None
     except ValueError as err:  # e.g. a string where an array should be
         raise LegacyFormatError(f"{path} holds a non-numeric entry: {err}") from None
+    return params
+
+
+def _check_shapes(path, params: dict) -> None:
+    """Decay offsets (3,), (1,), (3,); an MLP width -> hidden -> hidden -> 2."""
     for key, shape in DECAY_SHAPES.items():
         if params[key].shape != shape:
             raise LegacyFormatError(f"{path}: {key} has shape {params[key].shape}, expected {shape}")
@@ -103,11 +118,16 @@ def load_legacy_meta_params(path) -> dict:
     if w["w0"].ndim != 2:
         raise LegacyFormatError(f"{path}: nn/~/w0 has shape {w['w0'].shape}, expected (input width, hidden size)")
     hidden = w["w0"].shape[1]
-    expected = {"w0": (w["w0"].shape[0], hidden), "b0": (hidden,), "w1": (hidden, hidden), "b1": (hidden,),
-                "w2": (hidden, 2), "b2": (2,)}
+    expected = {"b0": (hidden,), "w1": (hidden, hidden), "b1": (hidden,), "w2": (hidden, 2), "b2": (2,)}
     for key, shape in expected.items():
         if w[key].shape != shape:
             raise LegacyFormatError(f"{path}: nn/~/{key} has shape {w[key].shape}, expected {shape}")
+
+
+def load_legacy_meta_params(path) -> dict:
+    """The reference's adafactor-variant meta-parameters as a nested dict of float32 numpy arrays."""
+    params = _as_float32(path, _unpickle(path))
+    _check_shapes(path, params)
     return params
 
 
@@ -120,10 +140,10 @@ def import_legacy(legacy_path, out_path, variant: str, num_grads: int, hidden_si
     width, hidden = params["nn"]["~"]["w0"].shape
     want = input_width(variant, num_grads)
     if width != want:
-        guess = "lopt_a" if width == 39 else f"lagg_a with num_grads={width - 38}"
-        raise LegacyFormatError(f"legacy file has input width {width} ({guess}); it does not match "
-                                f"optimizer={variant} num_grads={num_grads} (width {want})")
+        raise LegacyFormatError(f"legacy file has input width {width} = {_describe_width(width)}; it does not "
+                                f"match optimizer={variant} num_grads={num_grads} (width {want})")
     if hidden != hidden_size:
-        raise LegacyFormatError(f"legacy file has hidden size {hidden}; set hidden_size={hidden}")
+        raise LegacyFormatError(f"legacy file has hidden size {hidden}; it does not match "
+                                f"hidden_size={hidden_size} (set hidden_size={hidden})")
     return save_params(out_path, params, {"variant": variant, "num_grads": num_grads, "hidden_size": hidden,
                                           "source": f"legacy:{Path(legacy_path).name}"})

@@ -204,7 +204,7 @@ def test_params_export_keeps_haiku_module_names():
     from lagg_pipeline.aggregators.learned import LearnedAggregator
 
     agg = LearnedAggregator("lopt", 8, hidden_size=4)
-    mp = agg.init_meta_params(jax.random.PRNGKey(0))
+    mp = jax.jit(agg.init_meta_params)(jax.random.PRNGKey(0))
     assert "mlp/~/linear_0" in mp
     loaded, metadata = load_params(save_params("lopt.npz", mp, {"variant": "lopt"}))
     assert sorted(loaded) == ["mlp/~/linear_0", "mlp/~/linear_1", "mlp/~/linear_2"]
@@ -244,3 +244,59 @@ def test_object_array_is_refused_without_unpickling(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_pytree("evil.npz", {"w": np.zeros(3, np.float32), "evil": objects})
     assert not marker.exists()
+
+
+def test_object_arrays_and_odd_dtypes_are_refused_at_save(tmp_path):
+    with pytest.raises(CheckpointError, match=r"cannot save 'a/evil': dtype object"):
+        save_pytree("x.npz", {"a": {"evil": np.array([{"x": 1}], dtype=object)}})
+    with pytest.raises(CheckpointError, match=r"cannot save 'w': dtype bfloat16"):
+        save_pytree("x.npz", {"w": jnp.zeros(2, jnp.bfloat16)})
+    with pytest.raises(CheckpointError, match=r"cannot save 'key': .*key_data"):
+        save_pytree("x.npz", {"key": jax.random.key(0)})
+    with pytest.raises(CheckpointError, match="metadata must be JSON"):
+        save_pytree("x.npz", {"w": np.zeros(2)}, {"bad": object()})
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+
+
+def test_any_leaf_name_round_trips():
+    """Names np.savez would take as its own keyword arguments, and names that collide."""
+    tree = {"file": np.arange(3), "allow_pickle": np.ones(2, np.float32), "args": {"kwds": np.int8(4)}}
+    restored, _ = load_pytree(save_pytree("names.npz", tree), jax.tree.map(np.zeros_like, tree))
+    assert_bit_equal(restored, tree)
+    with pytest.raises(CheckpointError, match="two leaves share the checkpoint name 'a/b'"):
+        save_pytree("clash.npz", {"a": {"b": np.zeros(1)}, "a/b": np.zeros(1)})
+
+
+def test_non_checkpoint_files_are_refused():
+    np.save("single.npy", np.arange(3))
+    with pytest.raises(CheckpointError, match="single.npy holds a single array"):
+        load_arrays("single.npy")
+    with open("torn.npz", "wb") as f:
+        f.write(b"PK\x03\x04 half a zip")
+    with pytest.raises(CheckpointError, match="torn.npz: refusing to load"):
+        load_arrays("torn.npz")
+
+
+def test_manager_edge_cases(tmp_path):
+    with pytest.raises(CheckpointError, match="keep=0 is not allowed"):
+        CheckpointManager(tmp_path, keep=0)
+    manager = CheckpointManager(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        manager.save(step, {"t": np.int32(step)})
+    # A rerun from an earlier step: the file just written is kept and pointed to.
+    manager.save(5, {"t": np.int32(5)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000005.npz", "ckpt_00000030.npz", "latest"]
+    assert manager.latest_step() == 5
+    with pytest.raises(CheckpointError, match="no checkpoint for step 10 in"):
+        manager.restore({"t": np.int32(0)}, step=10)
+
+
+def test_params_export_checks_its_input_and_version():
+    with pytest.raises(CheckpointError, match=r"nested dicts of arrays; \['nn'\]\[0\]"):
+        save_params("p.npz", {"nn": [np.zeros(2)]})
+    # The format tag cannot be overridden by the caller's metadata.
+    _, metadata = load_params(save_params("p.npz", {"w": np.zeros(2)}, {"format": "x", "version": 7}))
+    assert metadata == {"format": PARAMS_FORMAT, "version": 1}
+    save_arrays("future.npz", {"w": np.zeros(2)}, {"format": PARAMS_FORMAT, "version": 2})
+    with pytest.raises(CheckpointError, match="version 2; this code reads version 1"):
+        load_params("future.npz")

@@ -12,9 +12,9 @@ import pytest
 
 from lagg_pipeline.aggregators.learned import LearnedAggregator
 from lagg_pipeline.checkpoint import PARAMS_FORMAT, load_params
-from lagg_pipeline.legacy import LegacyFormatError, import_legacy, load_legacy_meta_params
+from lagg_pipeline.legacy import LegacyFormatError, import_legacy, input_width, load_legacy_meta_params
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_lopt_a_k8.pickle"
+FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "original_lopt_a_k8.pickle"
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(),
                                    reason=f"the reference code's meta-parameter file is absent ({FIXTURE})")
 
@@ -84,7 +84,7 @@ def test_import_fixture_then_run_it(tmp_path):
            "scale": jnp.asarray(0.5, jnp.float32)}
     deltas = jax.tree.map(lambda p: jnp.asarray(0.01 * rng.normal(size=(8,) + p.shape), jnp.float32), old)
     state = update.init(old)
-    new, state = update.update(deltas, state, old)
+    new, state = jax.jit(update.update)(deltas, state, old)
     assert jax.tree.structure(new) == jax.tree.structure(old)
     for p, q in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
         assert q.shape == p.shape and q.dtype == jnp.float32
@@ -99,10 +99,11 @@ def test_import_fixture_then_run_it(tmp_path):
 @needs_fixture
 def test_fixture_width_and_hidden_size_mismatch(tmp_path):
     out = tmp_path / "x.npz"
-    with pytest.raises(LegacyFormatError, match=r"input width 39 \(lopt_a\).*optimizer=lagg_a num_grads=8 "
-                                                 r"\(width 46\)"):
+    with pytest.raises(LegacyFormatError, match=re.escape(
+            "legacy file has input width 39 = lopt_a; it does not match optimizer=lagg_a num_grads=8 (width 46)")):
         import_legacy(FIXTURE, out, "lagg_a", 8, 32)
-    with pytest.raises(LegacyFormatError, match=re.escape("legacy file has hidden size 32; set hidden_size=32")):
+    with pytest.raises(LegacyFormatError, match=re.escape(
+            "legacy file has hidden size 32; it does not match hidden_size=64 (set hidden_size=32)")):
         import_legacy(FIXTURE, out, "lopt_a", 8, 64)
     with pytest.raises(LegacyFormatError, match="optimizer=lopt cannot be imported"):
         import_legacy(FIXTURE, out, "lopt", 8, 32)
@@ -111,11 +112,31 @@ def test_fixture_width_and_hidden_size_mismatch(tmp_path):
 
 def test_lagg_a_width_mismatch_guesses_k(tmp_path):
     legacy = write_pickle(tmp_path / "lagg_a_k4.pickle", legacy_dict(42, 3))
-    with pytest.raises(LegacyFormatError, match=r"input width 42 \(lagg_a with num_grads=4\).*\(width 46\)"):
+    with pytest.raises(LegacyFormatError, match=re.escape("input width 42 = lagg_a at num_grads=4; it does not "
+                                                          "match optimizer=lagg_a num_grads=8 (width 46)")):
         import_legacy(legacy, tmp_path / "x.npz", "lagg_a", 8, 3)
+    with pytest.raises(LegacyFormatError, match=re.escape("input width 42 = lagg_a at num_grads=4; it does not "
+                                                          "match optimizer=lopt_a num_grads=4 (width 39)")):
+        import_legacy(legacy, tmp_path / "x.npz", "lopt_a", 4, 3)
+    odd = write_pickle(tmp_path / "odd.pickle", legacy_dict(13, 3))
+    with pytest.raises(LegacyFormatError, match=re.escape("input width 13 = neither lagg_a nor lopt_a")):
+        import_legacy(odd, tmp_path / "x.npz", "lopt_a", 4, 3)
+    assert not (tmp_path / "x.npz").exists()
     params, metadata = load_params(import_legacy(legacy, tmp_path / "ok.npz", "lagg_a", 4, 3))
     assert metadata["variant"] == "lagg_a" and metadata["num_grads"] == 4
     assert_identical(params, legacy_dict(42, 3))
+
+
+@pytest.mark.parametrize("variant", ["lagg_a", "lopt_a", "lagg", "lopt"])
+@pytest.mark.parametrize("num_grads", [1, 8, 16])
+def test_input_width_agrees_with_the_learned_aggregator(variant, num_grads):
+    assert input_width(variant, num_grads) == LearnedAggregator(variant, num_grads).input_width
+
+
+def test_input_width_table():
+    assert [input_width(v, 8) for v in ("lagg_a", "lopt_a", "lagg", "lopt")] == [46, 39, 20, 13]
+    with pytest.raises(ValueError, match="unknown learned aggregator 'adam'"):
+        input_width("adam", 8)
 
 
 class _System:
@@ -207,9 +228,14 @@ def test_malformed_layout_is_a_legacy_format_error(tmp_path, corrupt, message):
         load_legacy_meta_params(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a pickle at all", pickle.dumps([1, 2, 3])])
-def test_unreadable_or_wrong_container(tmp_path, content):
+@pytest.mark.parametrize("content,message", [
+    (b"", "junk.pickle is not a readable legacy pickle"),
+    (b"not a pickle at all", "junk.pickle is not a readable legacy pickle"),
+    (pickle.dumps([1, 2, 3]), "junk.pickle holds a list, not the reference's dict of meta-parameters"),
+    (pickle.dumps({"nn": [1], "momentum_decays": 0}), "junk.pickle lacks the expected entry"),
+])
+def test_unreadable_or_wrong_container(tmp_path, content, message):
     path = tmp_path / "junk.pickle"
     path.write_bytes(content)
-    with pytest.raises(LegacyFormatError, match="junk.pickle"):
+    with pytest.raises(LegacyFormatError, match=re.escape(message)):
         load_legacy_meta_params(path)

@@ -10,9 +10,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lagg_pipeline.data.splits import Split
 
-def sample_batch(split, key: jax.Array, counter: jax.Array, count: int):
-    """Examples counter .. counter + count - 1 of the stream: (x [count, ...], y [count])."""
+
+def sample_batch(split: Split, key: jax.Array, counter: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """Examples counter .. counter + count - 1 of the stream: (x [count, H, W, C], y [count]).
+
+    ``count`` is static; ``key`` (uint32 PRNGKey) and ``counter`` (int32 scalar) may be traced,
+    so this runs under jit and vmap over (key, counter).
+    """
     n = split.y.shape[0]
     first_epoch = counter // n
     # One batch touches at most count // n + 2 epochs; build just those permutations.

@@ -1,7 +1,7 @@
 """Dataset splits resident on the device (SPEC section 6).
 
-The TFDS train split is divided in order: the first 80% (``int(0.8 n)``) is ``train``,
-the next 10% (``int(0.1 n)``) ``inner_valid`` and the rest ``outer_valid``; ``test`` is the
+The TFDS train split of n examples is divided in stored order: the first ``n * 8 // 10`` are
+``train``, the next ``n // 10`` ``inner_valid`` and the rest ``outer_valid``; ``test`` is the
 TFDS test split. Images become float32 in [0, 1], resized once if the task asks.
 """
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -46,16 +45,18 @@ class Splits(NamedTuple):
     inner_valid: Split
     outer_valid: Split
     test: Split
-    num_classes: int
+    num_classes: int  # static: pass the Split members, not Splits, into jit (an int leaf would be traced)
 
 
 def default_data_dir() -> str:
-    """TFDS_DATA_DIR, read at call time, else TFDS's default ~/tensorflow_datasets."""
-    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    """TFDS's default: $TFDS_DATA_DIR read at call time (not import time), else ~/tensorflow_datasets."""
+    import tensorflow_datasets as tfds
+
+    return tfds.core.constants.get_default_data_dir()
 
 
 def _train_cuts(n: int) -> tuple[int, int]:
-    n_train, n_inner = int(0.8 * n), int(0.1 * n)
+    n_train, n_inner = n * 8 // 10, n // 10  # integer floors: no float rounding at exact multiples
     return n_train, n_train + n_inner
 
 
@@ -66,12 +67,11 @@ def split_sizes(dataset: str) -> dict[str, int]:
     return {"train": a, "inner_valid": b - a, "outer_valid": info.num_train - b, "test": info.num_test}
 
 
-def _read_array_record(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    import tensorflow_datasets as tfds
-
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+def _read_array_record(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W, C], labels [N]) of a split prepared as array_record, in stored order."""
+    source = builder.as_data_source(split=split)
     records = source.__getitems__(range(len(source)))
-    return (np.stack([r["image"] for r in records]), np.array([r["label"] for r in records]))
+    return np.stack([r["image"] for r in records]), np.array([r["label"] for r in records])
 
 
 def _prepared_formats(builder) -> set[str]:
@@ -81,56 +81,58 @@ def _prepared_formats(builder) -> set[str]:
     return {str(getattr(fmt, "value", fmt)) for fmt in formats if fmt}  # FileFormat's str() is not its value
 
 
-def _unavailable(name: str, data_dir: str) -> DataUnavailableError:
+def _unavailable(name: str, data_dir: str, state: str = "not prepared") -> DataUnavailableError:
+    manual_dir = os.path.join(data_dir, "downloads", "manual")
     return DataUnavailableError(
-        f"dataset {name} is not prepared in {data_dir}: prepare it with network access and TensorFlow "
-        f"(pip install 'lagg_pipeline[tfds-prepare]'; python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.builder('{name}', file_format='array_record').download_and_prepare()\"), or put its source "
-        f"files in {os.path.join(data_dir, 'downloads', 'manual')}, or set TFDS_DATA_DIR to where it is prepared")
+        f"dataset {name} is {state} in {data_dir}; prepare it once as array_record, which needs TensorFlow "
+        f"(pip install tensorflow-cpu) and either network access or its source files in {manual_dir}: "
+        f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}', "
+        f"file_format='array_record').download_and_prepare()\"; or set TFDS_DATA_DIR to a folder where it "
+        f"is prepared")
 
 
 def _load_public(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception:
-        raise _unavailable(name, data_dir) from None
+    builder = tfds.builder(name, data_dir=data_dir)
     formats = _prepared_formats(builder)
     if any("array_record" in f for f in formats):
-        return {s: _read_array_record(name, s, data_dir) for s in ("train", "test")}
+        return {s: _read_array_record(builder, s) for s in ("train", "test")}
     if formats:  # prepared as tfrecord: only TensorFlow reads it
         try:
             import tensorflow  # noqa: F401
         except ImportError:
-            raise _unavailable(name, data_dir) from None
+            raise _unavailable(name, data_dir, "prepared as tfrecord (readable only with TensorFlow)") from None
         return {s: tuple(tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1, as_supervised=True)))
                 for s in ("train", "test")}
     raise _unavailable(name, data_dir)
 
 
 def _load_embedded(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    import tensorflow_datasets as tfds
-
     from lagg_pipeline.data.builders import EMBEDDED_BUILDERS
 
     builder = EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        print(f"preparing the embedded dataset {name} in {data_dir} (once)")
-        tfds.disable_progress_bar()
-        builder.download_and_prepare()
-    return {s: _read_array_record(name, s, data_dir) for s in ("train", "test")}
+        builder.download_and_prepare()  # local sources only: nothing is downloaded
+    return {s: _read_array_record(builder, s) for s in ("train", "test")}
 
 
-def _to_device(images: np.ndarray, labels: np.ndarray, image_size: int | None) -> Split:
-    x = jnp.asarray(images, jnp.float32) / 255.0
-    if image_size is not None and x.shape[1:3] != (image_size, image_size):
-        x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), "linear", antialias=True)
-    return Split(jax.device_put(x), jax.device_put(jnp.asarray(labels, jnp.int32)))
+def _to_device(images_NHWC: np.ndarray, labels_N: np.ndarray, image_size: int | None) -> Split:
+    """uint8 images to float32 [0, 1] on the default device, resized there once if asked."""
+    x_NHWC = jax.device_put(np.asarray(images_NHWC, np.float32) / np.float32(255))
+    n, h, w, c = x_NHWC.shape
+    if image_size is not None and (h, w) != (image_size, image_size):
+        # Antialiased bilinear: when shrinking (28 -> 8) each output pixel averages its area.
+        x_NHWC = jax.image.resize(x_NHWC, (n, image_size, image_size, c), "linear", antialias=True)
+    return Split(x_NHWC, jax.device_put(np.asarray(labels_N, np.int32)))
 
 
 def load_splits(dataset: str, image_size: int | None = None, data_dir: str | None = None) -> Splits:
-    """Load ``dataset`` (preparing an embedded one on first use) onto the device."""
+    """The four splits of ``dataset`` on the default device; an embedded one is prepared on first use.
+
+    ``data_dir`` defaults to TFDS's (``$TFDS_DATA_DIR``, else ~/tensorflow_datasets). A public
+    dataset is only read, never downloaded: ``DataUnavailableError`` says how to provide it.
+    """
     info = DATASETS[dataset]
     data_dir = data_dir or default_data_dir()
     arrays = (_load_embedded if info.embedded else _load_public)(info.tfds_name, data_dir)
