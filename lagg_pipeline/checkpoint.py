@@ -93,6 +93,9 @@ def _atomic_write(path: Path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -83,7 +83,7 @@ class Config:
     pes_std: float = 0.01
     num_inner_steps: int = 1000
     truncation_schedule_min_length: int = 100
-    num_outer_steps: int = 100
+    num_outer_steps: int = 200
     weight_decay: float = 1e-4
     save_iter: int = 25
     checkpoints_to_keep: int = 10
@@ -141,6 +141,10 @@ def validate(cfg) -> None:
              f"the size of {task.dataset}'s train split")
     _require(cfg.schedule.name in ("warmup_cosine", "constant"),
              f"schedule={cfg.schedule.name} is not allowed; choose one of: warmup_cosine, constant")
+    if name in LEARNED_OPTIMIZERS and cfg.schedule.name == "warmup_cosine":
+        _require(cfg.num_outer_steps > cfg.schedule.warmup_steps,
+                 f"num_outer_steps={cfg.num_outer_steps} is not allowed with a warmup-cosine schedule; it must "
+                 f"be > schedule.warmup_steps={cfg.schedule.warmup_steps} (or use schedule=constant)")
     if cfg.mode == "import_legacy":
         _require(cfg.legacy_path is not None, "legacy_path is required with mode=import_legacy")
         _require(name in LEARNED_OPTIMIZERS,

@@ -166,9 +166,6 @@ def meta_train(cfg, splits, task, aggregator):
     from lagg_pipeline.checkpoint import CheckpointManager, save_params
     from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
 
-    if cfg.schedule.name == "warmup_cosine" and cfg.num_outer_steps <= cfg.schedule.warmup_steps:
-        raise ConfigError(f"num_outer_steps={cfg.num_outer_steps} is not allowed with schedule=warmup_cosine; "
-                          f"it must be > schedule.warmup_steps={cfg.schedule.warmup_steps}")
     name = meta_run_name(cfg)
     directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
     manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)

@@ -156,3 +156,13 @@ def test_regular_install_runs_from_another_directory(tmp_path):
     elsewhere.mkdir()
     out = cli("optimizer=fedavg", *TINY_BENCH, python=str(python), cwd=elsewhere)
     assert "fedavg" in out.stdout and (elsewhere / "outputs" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("experiment", ["paper_fmnist", "paper_fmnist_baselines"])
+def test_experiment_recipes_run_when_scaled_down(experiment):
+    # The recipes need Fashion-MNIST; the smoke test keeps their settings but swaps in digits.
+    optimizer = "lopt_a" if experiment == "paper_fmnist" else "slowmo"
+    meta = [a for a in TINY_META if not a.startswith("schedule")]
+    out = cli(f"experiment={experiment}", f"optimizer={optimizer}", "task=digits_mlp", *meta,
+              "schedule.warmup_steps=2", *TINY_BENCH)
+    assert optimizer in out.stdout
