@@ -98,11 +98,12 @@ def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run,
                 values.append(value)
             bar.update(1)
             bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
-            if outer_step % _LOG_EVERY == 0:
-                flush()
             if outer_step % cfg.save_iter == 0 or outer_step == cfg.num_outer_steps:
                 path = checkpoints.save(outer_step, state, metadata)
+                flush()  # MLflow then holds every step a resume will not redo
                 run.log_artifact(path, "checkpoints")
+            elif outer_step % _LOG_EVERY == 0:
+                flush()
     flush()
     return state, history
 
