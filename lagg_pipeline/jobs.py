@@ -165,6 +165,7 @@ def meta_train(cfg, splits, task, aggregator):
 
     from lagg_pipeline.checkpoint import CheckpointManager, save_params
     from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
+    from lagg_pipeline.report import plot_meta_loss
 
     name = meta_run_name(cfg)
     directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
@@ -193,7 +194,8 @@ def meta_train(cfg, splits, task, aggregator):
         shutil.copy(exported, directory / "meta_params.npz")
         run.log_artifact(exported, "meta_params")
         if history:
-            run.log_artifact(plot_meta_loss(history, int(state.outer_step) - len(history), out), "plots")
+            first = int(state.outer_step) - len(history)
+            run.log_artifact(plot_meta_loss(history, first, out / "meta_loss.png"), "plots")
         print(f"meta-parameters: {exported} (and {directory / 'meta_params.npz'})")
     except BaseException:
         run.end("FAILED")
@@ -206,22 +208,6 @@ def jax_tree(tree):
     from jax import tree as jtree
 
     return jtree.map(jnp.asarray, tree)
-
-
-def plot_meta_loss(history, first_step: int, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(np.arange(first_step + 1, first_step + len(history) + 1), history)
-    ax.set(xlabel="outer step", ylabel="meta-loss (mean train loss over the truncation)", title="meta-training")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "meta_loss.png", dpi=110)
-    plt.close(fig)
-    return out / "meta_loss.png"
 
 
 def load_meta_params(cfg, aggregator):

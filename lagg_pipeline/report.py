@@ -62,3 +62,20 @@ def plot_curves(results: Sequence[BenchmarkResult], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_meta_loss(history: Sequence[float], first_step: int, path: str | Path) -> Path:
+    """Meta-loss against outer steps (steps first_step + 1 ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(np.arange(first_step + 1, first_step + len(history) + 1), history)
+    ax.set(xlabel="outer step", ylabel="meta-loss (mean train loss over the truncation)", title="meta-training")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
