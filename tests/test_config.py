@@ -60,3 +60,31 @@ def test_bad_input_is_one_line_and_exit_2(argv, expected, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert expected in err, err
+
+
+@pytest.mark.parametrize("search, keys", [
+    ("fedavg_grid", {"local_learning_rate", "num_local_steps"}),
+    ("slowmo_grid", {"slowmo_learning_rate", "local_learning_rate", "beta"}),
+    ("data_parallel_grid", {"optimizer", "learning_rate"}),
+])
+def test_hparams_search_grids_compose_into_valid_jobs(search, keys):
+    cli.config_module.register()
+    with initialize_config_module("lagg_pipeline.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params) == keys
+    for key, values in params.items():  # every grid value passes the same checks as a CLI override
+        for value in str(values).split(","):
+            job = composed(f"hparams_search={search}", f"{key}={value}")
+            validate(job)
+
+
+@pytest.mark.parametrize("experiment", ["paper_fmnist", "paper_fmnist_baselines"])
+def test_experiment_recipes_set_the_paper_settings(experiment):
+    cfg = composed(f"experiment={experiment}")
+    validate(cfg)
+    assert cfg.task.name == "image_mlp_fmst"
+    assert (cfg.num_grads, cfg.num_local_steps, cfg.local_batch_size, cfg.num_runs, cfg.num_rounds) == (8, 4, 128, 10, 1000)
+    if experiment == "paper_fmnist":
+        assert (cfg.num_outer_steps, cfg.num_tasks, cfg.trunc_length, cfg.pes_std) == (5000, 8, 50, 0.01)
+        assert (cfg.schedule.peak_value, cfg.schedule.warmup_steps, cfg.schedule.end_value) == (3e-3, 100, 1e-3)
