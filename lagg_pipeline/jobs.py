@@ -210,8 +210,8 @@ def jax_tree(tree):
     return jtree.map(jnp.asarray, tree)
 
 
-def load_meta_params(cfg, aggregator):
-    """Meta-parameters from checkpoint=<file or MLflow artifact URI>, checked against the config."""
+def load_meta_params(cfg):
+    """(meta_params, metadata) from checkpoint=<file or MLflow artifact URI>."""
     from lagg_pipeline.checkpoint import CheckpointError, load_params
 
     location = cfg.checkpoint
@@ -232,12 +232,45 @@ def load_meta_params(cfg, aggregator):
     if metadata.get("variant") not in (None, cfg.optimizer.name):
         raise UserError(f"checkpoint={location} holds {metadata['variant']} meta-parameters, "
                         f"not optimizer={cfg.optimizer.name}")
-    meta_params = jax_tree(meta_params)
+    return jax_tree(meta_params), metadata
+
+
+TRAINED_WITH = ("num_grads", "num_local_steps", "local_learning_rate", "hidden_size")
+SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}
+
+
+def command_line_keys() -> set[str]:
+    """The config keys this job's command line set (H= and k= count as their keys)."""
+    from hydra.core.hydra_config import HydraConfig
+
     try:
-        aggregator.check_compatible(meta_params)
-    except ValueError as err:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        return set()
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return {SHORTHANDS.get(k, k) for k in keys}
+
+
+def adopt_training_settings(cfg, metadata: dict):
+    """SPEC 5: a learned aggregator is evaluated with the K, H and gamma it was meta-trained
+    with, unless the command line sets them."""
+    given = command_line_keys()
+    changes = {k: metadata[k] for k in TRAINED_WITH if k in metadata and k not in given and cfg[k] != metadata[k]}
+    if not changes:
+        return cfg
+    print("benchmarking with the settings these meta-parameters were trained with: "
+          + ", ".join(f"{k}={v}" for k, v in changes.items()))
+    cfg = cfg.copy()
+    for key, value in changes.items():
+        cfg[key] = value
+    return cfg
+
+
+def checked_server_update(aggregator, meta_params):
+    try:
+        return aggregator.server_update(meta_params)
+    except ValueError as err:  # incompatible K, width or layout: one line, no shape traceback
         raise UserError(str(err)) from None
-    return meta_params, metadata
 
 
 def import_legacy_job(cfg):
@@ -269,18 +302,22 @@ def run_job(cfg):
         result = benchmark(cfg, hand_server_update(cfg.optimizer), name, splits, task)
         return finish([result], output_dir())[name]["outer_valid_loss"]
 
-    aggregator = learned_aggregator(cfg)
     if cfg.mode == "benchmark":
-        meta_params, metadata = load_meta_params(cfg, aggregator)
+        meta_params, metadata = load_meta_params(cfg)
+        cfg = adopt_training_settings(cfg, metadata)
+        aggregator = learned_aggregator(cfg)
+        server_update = checked_server_update(aggregator, meta_params)
         run = start_job_run(cfg, f"{name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}",
                             checkpoint=cfg.checkpoint)
     else:
+        aggregator = learned_aggregator(cfg)
         meta_params, run = meta_train(cfg, splits, task, aggregator)
         if cfg.mode == "meta_train":
             run.end()
             return None
+        server_update = aggregator.server_update(meta_params)
     try:
-        result = benchmark(cfg, aggregator.server_update(meta_params), name, splits, task, run=run)
+        result = benchmark(cfg, server_update, name, splits, task, run=run)
         baseline_cfg = cfg.copy()
         baseline_cfg.optimizer = OmegaConf.create(FEDAVG)
         baseline = benchmark(baseline_cfg, hand_server_update(baseline_cfg.optimizer), "fedavg", splits, task,

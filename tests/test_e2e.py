@@ -93,13 +93,19 @@ def test_learned_aggregator_meta_trains_then_benchmarks_beside_fedavg(variant):
     assert variant in cli("mode=benchmark", f"optimizer={variant}", f"checkpoint={uri}", *TINY_BENCH).stdout
 
 
-def test_lagg_a_with_another_k_stops_with_a_clear_message():
-    cli("optimizer=lagg_a", "mode=meta_train", *TINY_META, "progress=false")
+def test_benchmark_uses_the_trained_settings_and_refuses_another_k():
+    cli("optimizer=lagg_a", "mode=meta_train", "num_local_steps=2", "local_learning_rate=0.3", *TINY_META,
+        "progress=false")
     exported = sorted(Path("outputs/runs").rglob("meta_params.npz"))[0]
-    out = cli("mode=benchmark", "optimizer=lagg_a", "num_grads=16", f"checkpoint={exported}", *TINY_BENCH,
-              check=False)
-    assert out.returncode == 1
-    assert "trained for K=8" in out.stderr and "Traceback" not in out.stderr
+    # Without H or gamma on the command line, the benchmark uses those it was trained with.
+    out = cli("mode=benchmark", "optimizer=lagg_a", f"checkpoint={exported}", *TINY_BENCH)
+    assert "num_local_steps=2, local_learning_rate=0.3" in out.stdout
+    benchmarked = [r for r in mlflow_runs() if r.data.tags.get("mode") == "benchmark"]
+    assert {r.data.tags["H"] for r in benchmarked} == {"2"}
+    refused = cli("mode=benchmark", "optimizer=lagg_a", "num_grads=16", f"checkpoint={exported}", *TINY_BENCH,
+                  check=False)
+    assert refused.returncode == 1
+    assert "trained for K=8" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_kill_during_meta_training_then_resume_equals_uninterrupted():
