@@ -113,7 +113,14 @@ def _load_embedded(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.n
 
     builder = EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        builder.download_and_prepare()  # local sources only: nothing is downloaded
+        import tensorflow_datasets as tfds
+
+        print(f"preparing the embedded dataset {name} in {data_dir} (once; nothing is downloaded)")
+        tfds.display_progress_bar(False)  # TFDS's nested per-shard bars would swamp the terminal
+        try:
+            builder.download_and_prepare()
+        finally:
+            tfds.display_progress_bar(True)
     return {s: _read_array_record(builder, s) for s in ("train", "test")}
 
 
