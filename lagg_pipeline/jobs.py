@@ -185,9 +185,10 @@ def meta_train(cfg, splits, task, aggregator):
                                     f"K={cfg.num_grads}", meta_run=name)
     metadata = {"config": OmegaConf.to_container(cfg, resolve=True), "mlflow_run_id": run.run_id,
                 **meta_params_metadata(cfg)}
+    logged_through = (run.last_step("meta_loss") or 0) if state is not None else 0
     try:
         state, history = run_meta_training(trainer, manager, run, metadata=metadata, state=state,
-                                           progress=cfg.progress)
+                                           progress=cfg.progress, logged_through=logged_through)
         out = output_dir()
         exported = save_params(out / "meta_params.npz", state.meta_params,
                                meta_params_metadata(cfg, outer_steps=int(state.outer_step), meta_run=name))

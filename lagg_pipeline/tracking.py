@@ -78,6 +78,10 @@ class Run:
     def log_metric(self, name: str, value: float, step: int = 0) -> None:
         self.log_metrics({name: ([step], [value])})
 
+    def last_step(self, name: str) -> int:
+        """The highest step logged for metric ``name`` (0 if none)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, name)), default=0)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))

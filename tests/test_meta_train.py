@@ -65,3 +65,42 @@ def test_paper_schedule_warms_up_then_decays_to_the_end_value():
     np.testing.assert_allclose(float(schedule(100)), 3e-3, rtol=1e-5)
     np.testing.assert_allclose(float(schedule(4900)), 1e-3, rtol=1e-5)
     assert 1e-3 < float(schedule(2000)) < 3e-3
+
+
+class RecordingRun:
+    """Collects what meta-training logs, as MLflow would."""
+
+    def __init__(self):
+        self.steps = {}
+
+    def log_metrics(self, series):
+        for name, (steps, _) in series.items():
+            self.steps.setdefault(name, []).extend(int(s) for s in steps)
+
+    def log_artifact(self, *args):
+        pass
+
+
+def test_resumed_run_logs_each_outer_step_once(tmp_path, monkeypatch):
+    monkeypatch.setattr("lagg_pipeline.meta.train._LOG_EVERY", 1)  # step 4 reaches MLflow, ckpt is at 3
+    cfg = tiny_cfg(num_outer_steps=7, save_iter=3, trunc_length=2)
+    trainer, run = make_trainer(cfg), RecordingRun()
+    step = trainer.step
+
+    def dies_in_step_5(state):
+        if int(state.outer_step) == 4:
+            raise Interrupt
+        return step(state)
+
+    trainer.step = dies_in_step_5
+    manager = CheckpointManager(tmp_path)
+    with pytest.raises(Interrupt):
+        run_meta_training(trainer, manager, run, metadata={}, progress=False)
+    assert run.steps["meta_loss"] == [1, 2, 3, 4] and manager.latest_step() == 3
+
+    fresh = make_trainer(cfg)
+    state, _ = manager.restore(fresh.init())
+    run_meta_training(fresh, manager, run, metadata={}, state=state, progress=False,
+                      logged_through=max(run.steps["meta_loss"]))
+    assert run.steps["meta_loss"] == list(range(1, 8))
+    assert run.steps["seconds_per_outer_step"] == list(range(1, 8))

@@ -73,8 +73,12 @@ class MetaTrainer:
 
 
 def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run, *, metadata: dict,
-                      state: MetaTrainState | None = None, progress: bool = True):
-    """Outer steps until num_outer_steps; returns (final state, meta-loss history)."""
+                      state: MetaTrainState | None = None, progress: bool = True, logged_through: int = 0):
+    """Outer steps until num_outer_steps; returns (final state, meta-loss history).
+
+    Steps up to ``logged_through`` are already in MLflow (a resumed run redoes the steps
+    after its checkpoint, bit for bit) and are not logged again.
+    """
     cfg = trainer.cfg
     state = state if state is not None else trainer.init()
     start = int(state.outer_step)
@@ -92,10 +96,11 @@ def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run,
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             metrics["seconds_per_outer_step"] = time.perf_counter() - t0
             history.append(metrics["meta_loss"])
-            for name, value in metrics.items():
-                steps, values = pending.setdefault(name, ([], []))
-                steps.append(outer_step)
-                values.append(value)
+            if outer_step > logged_through:
+                for name, value in metrics.items():
+                    steps, values = pending.setdefault(name, ([], []))
+                    steps.append(outer_step)
+                    values.append(value)
             bar.update(1)
             bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
             if outer_step % cfg.save_iter == 0 or outer_step == cfg.num_outer_steps:
