@@ -65,19 +65,20 @@ DECAY_SHAPES = {"momentum_decays": (3,), "rms_decays": (1,), "adafactor_decays":
 
 def input_width(variant: str, num_grads: int) -> int:
     """Network input width: K+38 (lagg_a), 39 (lopt_a), K+12 (lagg), 13 (lopt)."""
-    # SPEC 3.2: K worker deltas (lagg*) or their mean (lopt*), p, 11 step features; *_a add 26 accumulator columns.
-    widths = {"lagg_a": num_grads + 38, "lopt_a": 39, "lagg": num_grads + 12, "lopt": 13}
-    if variant not in widths:
-        raise ValueError(f"unknown learned aggregator {variant!r}; allowed: {', '.join(widths)}")
-    return widths[variant]
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+
+    return LearnedAggregator(variant, num_grads).input_width
 
 
 def _describe_width(width: int) -> str:
     """Which legacy (adafactor) variant a first-layer width belongs to."""
-    if width == input_width("lopt_a", 0):
+    from lagg_pipeline.aggregators.features import feature_width
+
+    if width == feature_width(1, with_accumulators=True):
         return "lopt_a"
-    if width > input_width("lagg_a", 0):
-        return f"lagg_a at num_grads={width - input_width('lagg_a', 0)}"
+    per_worker_offset = feature_width(0, with_accumulators=True)  # lagg_a's width is K + this
+    if width > per_worker_offset:
+        return f"lagg_a at num_grads={width - per_worker_offset}"
     return "neither lagg_a nor lopt_a"
 
 

@@ -1,5 +1,4 @@
 """Slow end-to-end smoke tests: the command line as a user runs it, MLflow as they read it."""
-import os
 import signal
 import subprocess
 import sys

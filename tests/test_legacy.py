@@ -127,11 +127,6 @@ def test_lagg_a_width_mismatch_guesses_k(tmp_path):
     assert_identical(params, legacy_dict(42, 3))
 
 
-@pytest.mark.parametrize("variant", ["lagg_a", "lopt_a", "lagg", "lopt"])
-@pytest.mark.parametrize("num_grads", [1, 8, 16])
-def test_input_width_agrees_with_the_learned_aggregator(variant, num_grads):
-    assert input_width(variant, num_grads) == LearnedAggregator(variant, num_grads).input_width
-
 
 def test_input_width_table():
     assert [input_width(v, 8) for v in ("lagg_a", "lopt_a", "lagg", "lopt")] == [46, 39, 20, 13]

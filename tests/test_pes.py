@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from omegaconf import OmegaConf
 
 from lagg_pipeline.aggregators.learned import LearnedAggregator
