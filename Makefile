@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast test-slow sweep ui bench clean
+.PHONY: help install install-dev run test test-fast test-slow sweep ui bench tune results report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,8 +43,38 @@ ui: install ## serve the MLflow UI for the local store on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \
 		--default-artifact-root $(CURDIR)/outputs/mlartifacts --host 127.0.0.1 --port 5000
 
-bench: install ## seconds per round and per outer step, measured in one run
+bench: install ## the speed yardstick: rounds, PES steps, compile, memory, % of the matmul limit (one run)
 	$(PY) -m lagg_pipeline.bench $(ARGS)
+
+# Baselines tuned on the outer-valid loss (never the test split), per task and H; then the
+# best grid points are written to conf/tuned/<task>/<optimizer>.yaml.
+BASELINES    := fedavg slowmo fedavgm diloco fedadam fedyogi sgd adam
+TUNE_TASKS   ?= digits_mlp mnist1d_mlp
+tune: install ## grid-search every baseline (MLflow experiment "tuning"), write conf/tuned/
+	for task in $(TUNE_TASKS); do for opt in $(BASELINES); do \
+		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=$$task H=4,8 || exit 1; done; done
+	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist5k_mlp H=4  # the unseen task's reference
+	$(PY) -m lagg_pipeline mode=select_tuned
+
+# The README's Results: tuned baselines and the shipped aggregators, 5 seeds x 1000 rounds,
+# into the MLflow experiment "results"; then the report rewrites the README section.
+RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
+COMMA := ,
+results: install ## benchmark tuned baselines and shipped aggregators, then `make report`
+	for task in digits_mlp mnist1d_mlp; do \
+		$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=$$task H=4,8 \
+			$(RESULTS_ARGS) || exit 1; done
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp \
+		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h8_ov $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp pretrained=mnist1d_k8_h4_ov $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp pretrained=digits_k8_h4_ov $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist5k_mlp H=4 $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp \
+		pretrained=digits_k8_h4,mnist1d_k8_h4_ov $(RESULTS_ARGS)
+	$(MAKE) report
+
+report: install ## the comparison report of the "results" experiment, spliced into README.md
+	$(PY) -m lagg_pipeline mode=report tracking.experiment=results report_dir=docs/results readme=README.md
 
 clean: ## remove outputs, caches and build files (keeps .venv)
 	rm -rf outputs multirun build dist *.egg-info .pytest_cache

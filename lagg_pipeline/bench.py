@@ -1,15 +1,19 @@
-"""The speed harness behind ``make bench``: every number below comes from one run.
+"""The speed yardstick behind ``make bench``: every number comes from one run on this machine.
 
-Measures, on the embedded digits task with K=8, H=4, B=128:
-- seconds per round of the jitted, vmapped, scanned simulator (one seed, after compile),
-- the same rounds driven the way the reference code drives them -- batches pulled from
-  the host each round and a Python loop over workers and local steps -- and the ratio,
-- seconds per PES outer step (num_tasks=8, trunc_length=50, lagg_a) after compile.
+For the digits_mlp and mnist5k_mlp shapes at K=8, H=4, B=128 it measures, after compilation
+and as the median over repeats: one fedavg round, one lagg_a round, one PES outer step of
+LAgg-A (8 antithetic pairs x 50 rounds = 800 rounds), the compile time and XLA's memory
+estimate of each, and their analytic FLOPs. A jitted 2048x2048 matmul gives this machine's
+compute rate, so every time is also a fraction of the compute-bound limit. Two ratios say
+where overhead lives: lagg_a round / fedavg round, and PES outer step / 800 lagg_a rounds.
+For mnist5k_mlp it also compiles the fedavg round with the train split captured as a jit
+constant (how the pipeline used to do it) to show what passing data as arguments saves.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -24,97 +28,187 @@ from lagg_pipeline.simulator import make_round_step
 from lagg_pipeline.tasks import make_task
 
 K, H, B, LR = 8, 4, 128, 0.5
+NUM_TASKS, TRUNC_LENGTH, HIDDEN = 8, 50, 32
+TASKS = {"digits_mlp": ("digits", [32]), "mnist5k_mlp": ("mnist5k", [128, 128])}
+BENCH_BEGIN, BENCH_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
-def _digits():
-    splits = load_splits("digits")
-    task_cfg = OmegaConf.create({"name": "digits_mlp", "dataset": "digits", "model": "mlp", "hidden_sizes": [32]})
-    return splits, make_task(task_cfg, tuple(splits.train.x.shape[1:]), splits.num_classes)
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matmul rate: the compute-bound yardstick."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x).lower(a).compile()
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def scanned_seconds_per_round(splits, task, rounds: int) -> float:
-    update = hand.fedavg()
-    step = make_round_step(task, splits.train, update, num_grads=K, num_local_steps=H,
-                           local_batch_size=B, local_learning_rate=LR)
+def layer_sizes(image_shape, hidden, classes: int = 10) -> list[tuple[int, int]]:
+    sizes = [int(np.prod(image_shape)), *hidden, classes]
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def round_flops(image_shape, hidden) -> float:
+    """One local-SGD round: K*H*B examples, forward + backward = 3 x 2 x (in x out) per layer."""
+    return K * H * B * 6.0 * sum(i * o for i, o in layer_sizes(image_shape, hidden))
+
+
+def lagg_a_flops(image_shape, hidden) -> float:
+    """LAgg-A's per-parameter MLP (K+38 -> 32 -> 32 -> 2) over every task parameter, forward."""
+    num_params = sum(i * o + o for i, o in layer_sizes(image_shape, hidden))
+    return num_params * 2.0 * ((K + 38) * HIDDEN + HIDDEN * HIDDEN + HIDDEN * 2)
+
+
+def _compile(fn, *args):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    stats = compiled.memory_analysis()
+    memory = None if stats is None else (stats.temp_size_in_bytes + stats.argument_size_in_bytes
+                                         + stats.output_size_in_bytes) / 2 ** 20
+    return compiled, seconds, memory
+
+
+def _median_seconds(call, repeats: int) -> float:
+    jax.block_until_ready(call())  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_rounds(task, split, update, rounds: int, repeats: int, split_as_constant: bool = False):
+    """(seconds per round, compile seconds, memory MiB) of ``rounds`` scanned rounds."""
+    step = make_round_step(task, update, num_grads=K, num_local_steps=H, local_batch_size=B, local_learning_rate=LR)
     state = jax.tree.map(lambda x: x[0], init_round_states(task, update, 0, 1))
-    run = jax.jit(lambda s: jax.lax.scan(lambda c, _: step(c), s, None, length=rounds)).lower(state).compile()
-    jax.block_until_ready(run(state))
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(state))
-    return (time.perf_counter() - t0) / rounds
+
+    def run(s, data):
+        return jax.lax.scan(lambda c, _: step(c, data), s, None, length=rounds)
+
+    if split_as_constant:
+        compiled, compile_s, memory = _compile(lambda s: run(s, split), state)
+        return None, compile_s, memory
+    compiled, compile_s, memory = _compile(run, state, split)
+    return _median_seconds(lambda: compiled(state, split), repeats) / rounds, compile_s, memory
 
 
-def host_loop_seconds_per_round(splits, task, rounds: int) -> float:
-    """Reference-style: numpy batches from the host, Python loops over workers and steps."""
-    x_host, y_host = np.asarray(splits.train.x), np.asarray(splits.train.y)
-    grad_fn = jax.jit(jax.value_and_grad(task.loss))
-    sgd_step = jax.jit(lambda w, g: jax.tree.map(lambda p, gp: p - LR * gp, w, g))
-    params = task.init(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-
-    def one_round(params):
-        idx = rng.choice(len(x_host), K * H * B)
-        x, y = x_host[idx].reshape(K, H, B, *x_host.shape[1:]), y_host[idx].reshape(K, H, B)
-        new = []
-        for k in range(K):
-            w = params
-            for h in range(H):
-                _, g = grad_fn(w, jnp.asarray(x[k, h]), jnp.asarray(y[k, h]))
-                w = sgd_step(w, g)
-            new.append(w)
-        return jax.tree.map(lambda *ws: sum(ws) / K, *new)
-
-    jax.block_until_ready(one_round(params))  # compile
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        params = one_round(params)
-    jax.block_until_ready(params)
-    return (time.perf_counter() - t0) / rounds
-
-
-def pes_seconds_per_outer_step(splits, task, outer_steps: int, variant: str = "lagg_a") -> tuple[float, float]:
+def time_pes(task, split, repeats: int):
+    """(seconds per PES outer step of LAgg-A, compile seconds, memory MiB)."""
     from lagg_pipeline.aggregators.learned import LearnedAggregator
     from lagg_pipeline.config import Config
+    from lagg_pipeline.meta.pes import PESData
     from lagg_pipeline.meta.train import MetaTrainer
 
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"optimizer": {"name": variant}, "num_outer_steps": 1000})
-    trainer = MetaTrainer(cfg, task, splits.train, LearnedAggregator(variant, K, cfg.hidden_size))
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {
+        "optimizer": {"name": "lagg_a"}, "num_outer_steps": 1000, "num_tasks": NUM_TASKS,
+        "trunc_length": TRUNC_LENGTH, "num_grads": K, "num_local_steps": H, "local_batch_size": B,
+        "local_learning_rate": LR, "hidden_size": HIDDEN})
+    trainer = MetaTrainer(cfg, task, PESData(split), LearnedAggregator("lagg_a", K, HIDDEN))
     state = trainer.init()
-    t0 = time.perf_counter()
-    step = jax.jit(trainer._step).lower(state).compile()
-    compile_seconds = time.perf_counter() - t0
-    state, _ = jax.block_until_ready(step(state))
-    t0 = time.perf_counter()
-    for _ in range(outer_steps):
-        state, metrics = step(state)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - t0) / outer_steps, compile_seconds
+    compiled, compile_s, memory = _compile(trainer._step, state, trainer.data)
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], trainer.data)
+        return metrics
+
+    return _median_seconds(one_step, repeats), compile_s, memory
+
+
+def measure(name: str, dataset: str, hidden, args, gflops: float) -> dict:
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+
+    splits = load_splits(dataset)
+    image_shape = tuple(splits.train.x.shape[1:])
+    task = make_task(OmegaConf.create({"name": name, "dataset": dataset, "model": "mlp", "hidden_sizes": hidden}),
+                     image_shape, splits.num_classes)
+    aggregator = LearnedAggregator("lagg_a", K, HIDDEN)
+    lagg_a = aggregator.server_update(aggregator.init_meta_params(jax.random.PRNGKey(0)))
+    flops = {"fedavg_round": round_flops(image_shape, hidden),
+             "lagg_a_round": round_flops(image_shape, hidden) + lagg_a_flops(image_shape, hidden)}
+    flops["pes_outer_step"] = 2 * NUM_TASKS * TRUNC_LENGTH * flops["lagg_a_round"]
+    timings = {"fedavg_round": time_rounds(task, splits.train, hand.fedavg(), args.rounds, args.repeats),
+               "lagg_a_round": time_rounds(task, splits.train, lagg_a, args.rounds, args.repeats)}
+    if args.outer_steps:
+        timings["pes_outer_step"] = time_pes(task, splits.train, args.outer_steps)
+    out = {}
+    for measure_name, (seconds, compile_s, memory) in timings.items():
+        out.update({f"{measure_name}_seconds": seconds, f"{measure_name}_compile_seconds": compile_s,
+                    f"{measure_name}_memory_mib": memory, f"{measure_name}_gflop": flops[measure_name] / 1e9,
+                    f"{measure_name}_fraction_of_matmul_limit": flops[measure_name] / 1e9 / gflops / seconds})
+    out["lagg_a_round_over_fedavg_round"] = out["lagg_a_round_seconds"] / out["fedavg_round_seconds"]
+    if args.outer_steps:
+        out["pes_step_over_800_lagg_a_rounds"] = out["pes_outer_step_seconds"] / (
+            2 * NUM_TASKS * TRUNC_LENGTH * out["lagg_a_round_seconds"])
+    if dataset == "mnist5k":  # what embedding the split as a constant used to cost
+        _, constant_compile, constant_memory = time_rounds(task, splits.train, hand.fedavg(), args.rounds, 0,
+                                                           split_as_constant=True)
+        out["fedavg_round_compile_seconds_split_as_constant"] = constant_compile
+    return out
+
+
+def format_table(numbers: dict) -> str:
+    lines = [f"device {numbers['device']}, jax {numbers['jax_version']}, matmul probe "
+             f"{numbers['matmul_gflops']:.0f} GFLOP/s; K={K}, H={H}, B={B}; PES {NUM_TASKS} pairs x "
+             f"{TRUNC_LENGTH} rounds", ""]
+    header = f"{'task':<12} {'measure':<15} {'seconds':>10} {'compile s':>10} {'MiB':>8} {'GFLOP':>9} {'% of limit':>10}"
+    lines += [header, "-" * len(header)]
+    for task in TASKS:
+        for measure_name in ("fedavg_round", "lagg_a_round", "pes_outer_step"):
+            key = f"{task}.{measure_name}"
+            if f"{key}_seconds" not in numbers:
+                continue
+            memory = numbers[f"{key}_memory_mib"]
+            lines.append(f"{task:<12} {measure_name:<15} {numbers[f'{key}_seconds']:>10.4g} "
+                         f"{numbers[f'{key}_compile_seconds']:>10.3g} "
+                         f"{'-' if memory is None else f'{memory:.0f}':>8} {numbers[f'{key}_gflop']:>9.3g} "
+                         f"{100 * numbers[f'{key}_fraction_of_matmul_limit']:>9.1f}%")
+    lines.append("")
+    for key, value in numbers.items():
+        if key.endswith(("_over_fedavg_round", "_over_800_lagg_a_rounds", "_split_as_constant")):
+            lines.append(f"{key:<58} {value:.3g}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=200, help="rounds timed for the simulator")
-    parser.add_argument("--host-rounds", type=int, default=20, help="rounds timed for the host loop")
-    parser.add_argument("--outer-steps", type=int, default=3, help="PES outer steps timed (0 skips)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
+    parser.add_argument("--rounds", type=int, default=100, help="rounds per timed scan")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each round scan (median)")
+    parser.add_argument("--outer-steps", type=int, default=3, help="timed PES outer steps (median; 0 skips PES)")
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--mlflow", action="store_true", help="also log them to the MLflow experiment 'bench'")
+    parser.add_argument("--readme", help="replace the table between this file's bench markers")
     args = parser.parse_args(argv)
 
-    splits, task = _digits()
-    scanned = scanned_seconds_per_round(splits, task, args.rounds)
-    host = host_loop_seconds_per_round(splits, task, args.host_rounds)
-    numbers = {"device": str(jax.devices()[0]), "seconds_per_round_scanned": scanned,
-               "seconds_per_round_host_loop": host, "speedup_scanned_vs_host_loop": host / scanned}
-    if args.outer_steps:
-        per_step, compile_seconds = pes_seconds_per_outer_step(splits, task, args.outer_steps)
-        numbers.update(seconds_per_outer_step_lagg_a=per_step, pes_compile_seconds=compile_seconds,
-                       rounds_per_second_in_pes=2 * 8 * 50 / per_step)
-    width = max(map(len, numbers))
-    print(f"digits_mlp, K={K}, H={H}, B={B}")
-    for name, value in numbers.items():
-        print(f"  {name:<{width}}  {value:.4g}" if isinstance(value, float) else f"  {name:<{width}}  {value}")
+    gflops = matmul_gflops()
+    numbers = {"device": str(jax.devices()[0]), "jax_version": jax.__version__, "matmul_gflops": gflops}
+    for name in args.tasks.split(","):
+        dataset, hidden = TASKS[name]
+        numbers.update({f"{name}.{k}": v for k, v in measure(name, dataset, hidden, args, gflops).items()})
+    table = format_table(numbers)
+    print(table)
+    if args.readme:
+        from pathlib import Path
+
+        from lagg_pipeline.comparison import splice_readme
+
+        splice_readme(Path(args.readme), f"```\n$ make bench\n{table}\n```", BENCH_BEGIN, BENCH_END)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(numbers, f, indent=2)
+    if args.mlflow:
+        from lagg_pipeline import tracking
+
+        cfg = OmegaConf.create({"enabled": True, "uri": None, "experiment": "bench"})
+        run = tracking.start_run(cfg, "make bench", {"device": numbers["device"]})
+        run.log_metrics({k: ([0], [v]) for k, v in numbers.items() if isinstance(v, float)})
+        run.end()
     return numbers
 
 

@@ -29,10 +29,10 @@ class BenchmarkResult(NamedTuple):
     compile_seconds: float
 
 
-def _evaluate(task, params, splits):
-    test_loss = task.loss(params, splits.test.x, splits.test.y)
-    test_accuracy = task.accuracy(params, splits.test.x, splits.test.y)
-    outer_valid_loss = task.loss(params, splits.outer_valid.x, splits.outer_valid.y)
+def _evaluate(task, params, test, outer_valid):
+    test_loss = task.loss(params, test.x, test.y)
+    test_accuracy = task.accuracy(params, test.x, test.y)
+    outer_valid_loss = task.loss(params, outer_valid.x, outer_valid.y)
     return test_loss, test_accuracy, outer_valid_loss
 
 
@@ -52,36 +52,37 @@ def run_benchmark(task, splits, server_update, *, name: str, num_grads: int, num
                   local_batch_size: int, local_learning_rate: float, num_runs: int,
                   num_rounds: int, eval_every: int, seed: int, progress: bool = True) -> BenchmarkResult:
     """Train ``num_runs`` seeds for ``num_rounds`` rounds with ``server_update``."""
-    step = make_round_step(task, splits.train, server_update, num_grads=num_grads,
+    step = make_round_step(task, server_update, num_grads=num_grads,
                            num_local_steps=num_local_steps, local_batch_size=local_batch_size,
                            local_learning_rate=local_learning_rate)
 
-    def chunk(states, length):
+    def chunk(states, train_split, length):
         def one_seed(state):
-            return jax.lax.scan(lambda s, _: step(s), state, None, length=length)
+            return jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=length)
 
         return jax.vmap(one_seed)(states)
 
-    evaluate = jax.jit(jax.vmap(lambda p: _evaluate(task, p, splits)))
+    evaluate = jax.jit(jax.vmap(lambda p, test, outer_valid: _evaluate(task, p, test, outer_valid),
+                                in_axes=(0, None, None)))
     states = init_round_states(task, server_update, seed, num_runs)
 
     lengths = [eval_every] * (num_rounds // eval_every)
     if num_rounds % eval_every:
         lengths.append(num_rounds % eval_every)
     t0 = time.perf_counter()
-    compiled = {n: jax.jit(chunk, static_argnums=1).lower(states, n).compile() for n in set(lengths)}
+    compiled = {n: jax.jit(chunk, static_argnums=2).lower(states, splits.train, n).compile() for n in set(lengths)}
     compile_seconds = time.perf_counter() - t0
 
-    evals = [evaluate(states.params)]
+    evals = [evaluate(states.params, splits.test, splits.outer_valid)]
     losses, run_seconds = [], 0.0
     with tqdm(total=num_rounds, desc=name, unit="round", disable=not progress, leave=False) as bar:
         for n in lengths:
             t0 = time.perf_counter()
-            states, loss_SxN = compiled[n](states)
+            states, loss_SxN = compiled[n](states, splits.train)
             loss_SxN.block_until_ready()
             run_seconds += time.perf_counter() - t0
             losses.append(np.asarray(loss_SxN))
-            evals.append(evaluate(states.params))
+            evals.append(evaluate(states.params, splits.test, splits.outer_valid))
             bar.update(n)
             bar.set_postfix(train_loss=f"{losses[-1][:, -1].mean():.4f}")
 

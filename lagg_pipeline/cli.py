@@ -171,10 +171,10 @@ def _hydra_main(cfg):
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    flags, overrides = split_argv(argv)
+    flags, typed = split_argv(argv)
     config_module.register()
     groups = config_groups()
-    overrides = quote_numeric_choices(overrides, groups)
+    overrides = quote_numeric_choices(typed, groups)
     argv = [*flags, *overrides]
     if _INFO_FLAGS.intersection(flags):
         sys.argv = [sys.argv[0], *argv]
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     if {"-m", "--multirun"}.intersection(flags) and base_cfg.tracking.enabled:
         from lagg_pipeline.tracking import start_run
 
-        parent = start_run(base_cfg.tracking, run_name=f"sweep: {' '.join(overrides)}"[:250],
+        parent = start_run(base_cfg.tracking, run_name=f"sweep: {' '.join(typed)}"[:250],
                            tags={"sweep": "parent", "task": base_cfg.task.name})
-        parent.log_params({"sweep_overrides": " ".join(overrides)})
+        parent.log_params({"sweep_overrides": " ".join(typed)})
         argv = [*argv, f"tracking.parent_run_id={parent.run_id}"]
     sys.argv = [sys.argv[0], *argv]
     status = "FAILED"

@@ -12,10 +12,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-MODES = ("auto", "benchmark", "meta_train", "import_legacy")
+MODES = ("auto", "benchmark", "meta_train", "import_legacy", "select_tuned", "report")
 HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "fedadam", "fedyogi")
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
 MODELS = ("mlp", "conv")
+META_LOSS_SPLITS = ("train", "outer_valid")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,7 @@ class Config:
     num_rounds: int = 300
     eval_every: int = 25
     seed: int = 0
+    tuned: bool = True  # apply conf/tuned/<task>/<optimizer>.yaml (keys set on the command line win)
     data_dir: Optional[str] = None
     progress: bool = True
     # Learned aggregators and meta-training (SPEC 3-4).
@@ -83,15 +85,21 @@ class Config:
     pes_std: float = 0.01
     num_inner_steps: int = 1000
     truncation_schedule_min_length: int = 100
+    meta_loss_split: str = "train"  # or outer_valid: meta-train on held-out loss (SPEC 4)
     num_outer_steps: int = 200
     weight_decay: float = 1e-4
     save_iter: int = 25
     checkpoints_to_keep: int = 10
     resume: bool = False
-    checkpoint: Optional[str] = None  # meta_params.npz or an MLflow artifact URI (mode=benchmark)
+    checkpoint: Optional[str] = None  # meta_params.npz or an MLflow artifact URI to benchmark
+    pretrained: Optional[str] = None  # a shipped aggregator to benchmark (pretrained=list lists them)
     checkpoint_dir: Optional[str] = None  # default outputs/checkpoints/<meta-run name>
     legacy_path: Optional[str] = None
     output_path: Optional[str] = None
+    # mode=report / mode=select_tuned
+    report_dir: Optional[str] = None  # also write the report here (e.g. docs/results)
+    readme: Optional[str] = None  # splice the report's tables into this file's Results markers
+    tuned_dir: Optional[str] = None  # where tuned values are read and written; default: conf/tuned
 
 
 def register() -> None:
@@ -122,6 +130,14 @@ def validate(cfg) -> None:
               "hidden_size", "num_tasks", "trunc_length", "pes_std", "num_inner_steps",
               "truncation_schedule_min_length", "num_outer_steps", "save_iter",
               "checkpoints_to_keep")
+    _require(cfg.trunc_length >= 2, f"trunc_length={cfg.trunc_length} is not allowed; it must be >= 2 (a "
+             f"one-round truncation that resets has no unmasked step, so its PES estimate is undefined)")
+    _require(not cfg.resume or (cfg.mode in ("auto", "meta_train") and cfg.checkpoint is None and cfg.pretrained is None),
+             f"resume=true is not allowed with mode={cfg.mode}"
+             f"{' and a saved aggregator' if cfg.checkpoint or cfg.pretrained else ''}; it continues a meta-training "
+             f"(mode=auto or meta_train with a learned optimizer)")
+    _require(cfg.meta_loss_split in META_LOSS_SPLITS,
+             f"meta_loss_split={cfg.meta_loss_split} is not allowed; choose one of: {', '.join(META_LOSS_SPLITS)}")
     _require(0 <= cfg.beta < 1, f"beta={cfg.beta} is not allowed; it must be in [0, 1)")
     _require(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} is not allowed; it must be >= 0")
     _require(cfg.truncation_schedule_min_length <= cfg.num_inner_steps,
@@ -135,6 +151,11 @@ def validate(cfg) -> None:
              f"task.hidden_sizes={list(task.hidden_sizes)} is not allowed; sizes must be > 0")
     _require(task.image_size is None or task.image_size > 0,
              f"task.image_size={task.image_size} is not allowed; it must be > 0 or null")
+    _require(task.model != "conv" or len(DATASETS[task.dataset].image_shape) == 3,
+             f"task.model=conv is not allowed for {task.dataset}, whose examples are not images; use mlp")
+    _require(task.image_size is None or len(DATASETS[task.dataset].image_shape) == 3,
+             f"task.image_size={task.image_size} is not allowed for {task.dataset}, whose examples are not images; "
+             f"it must be null")
     n_train = split_sizes(task.dataset)["train"]
     _require(cfg.local_batch_size <= n_train,
              f"local_batch_size={cfg.local_batch_size} is not allowed; it must be <= {n_train}, "
@@ -145,6 +166,16 @@ def validate(cfg) -> None:
         _require(cfg.num_outer_steps > cfg.schedule.warmup_steps,
                  f"num_outer_steps={cfg.num_outer_steps} is not allowed with a warmup-cosine schedule; it must "
                  f"be > schedule.warmup_steps={cfg.schedule.warmup_steps} (or use schedule=constant)")
+    if cfg.pretrained is not None and cfg.pretrained != "list":
+        from lagg_pipeline import pretrained
+
+        shipped = pretrained.names(name) if name in LEARNED_OPTIMIZERS else []
+        _require(name in LEARNED_OPTIMIZERS,
+                 f"pretrained={cfg.pretrained} is not allowed with optimizer={name}; shipped aggregators are "
+                 f"learned: optimizer={', '.join(sorted({v for v, _ in pretrained.available()}))}")
+        _require(cfg.pretrained in shipped, f"pretrained={cfg.pretrained} is not allowed for optimizer={name}; "
+                 f"choose one of: {', '.join(shipped) or '(none shipped)'} (pretrained=list describes them)")
+        _require(cfg.checkpoint is None, "pretrained and checkpoint are both set; give one of them")
     if cfg.mode == "import_legacy":
         _require(cfg.legacy_path is not None, "legacy_path is required with mode=import_legacy")
         _require(name in LEARNED_OPTIMIZERS,

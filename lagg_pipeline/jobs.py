@@ -62,7 +62,7 @@ def run_tags(cfg, **extra):
 
 def start_job_run(cfg, run_name: str, **extra_tags):
     """An MLflow run for this job with the flattened config and Hydra's files attached."""
-    run = tracking.start_run(cfg.tracking, run_name, run_tags(cfg, **extra_tags),
+    run = tracking.start_run(cfg.tracking, cfg.tracking.run_name or run_name, run_tags(cfg, **extra_tags),
                              parent_run_id=cfg.tracking.parent_run_id)
     run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
     run.log_artifact(output_dir() / ".hydra", "hydra")
@@ -70,8 +70,11 @@ def start_job_run(cfg, run_name: str, **extra_tags):
 
 
 def log_benchmark(run, result, out: Path) -> None:
-    """Curves (mean and std over seeds, step = round), final metrics, plot and raw arrays."""
-    from lagg_pipeline.report import plot_curves, summary
+    """Curves (mean and std over seeds, step = round), final metrics, plot and raw arrays.
+
+    MLflow refuses non-finite values: a run that diverged keeps the finite part of its
+    curves and is tagged ``diverged`` (with the round), so it never looks like missing data."""
+    from lagg_pipeline.report import diverged_at, plot_curves, summary
 
     rounds = np.arange(1, result.train_loss.shape[1] + 1)
     series = {"train_loss": (rounds, result.train_loss.mean(0)),
@@ -86,6 +89,8 @@ def log_benchmark(run, result, out: Path) -> None:
         series[f"final_{name}"] = ([0], [mean])
         series[f"final_{name}_std"] = ([0], [std])
     run.log_metrics(series)
+    first_bad = diverged_at(result)
+    run.set_tags({"diverged": first_bad is not None, **({"diverged_at_round": first_bad} if first_bad else {})})
     np.savez(out / f"{result.name}_curves.npz", **{k: v for k, v in result._asdict().items() if k != "name"})
     run.log_artifact(out / f"{result.name}_curves.npz", "curves")
     run.log_artifact(plot_curves([result], out / f"{result.name}_loss_vs_rounds.png"), "plots")
@@ -104,6 +109,7 @@ def benchmark(cfg, server_update, name: str, splits, task, *, run=None, **tags):
                                local_learning_rate=cfg.local_learning_rate, num_runs=cfg.num_runs,
                                num_rounds=cfg.num_rounds, eval_every=cfg.eval_every, seed=cfg.seed,
                                progress=cfg.progress)
+        run.set_tags({"method": name})
         log_benchmark(run, result, out)
     except BaseException:
         if own_run:
@@ -139,7 +145,7 @@ def learned_aggregator(cfg):
 
 META_KEYS = ("num_grads", "num_local_steps", "local_batch_size", "local_learning_rate", "hidden_size",
              "num_tasks", "trunc_length", "pes_std", "num_inner_steps", "truncation_schedule_min_length",
-             "num_outer_steps", "weight_decay", "seed")
+             "num_outer_steps", "weight_decay", "seed", "meta_loss_split")
 
 
 def meta_run_name(cfg) -> str:
@@ -156,7 +162,28 @@ def meta_run_name(cfg) -> str:
 def meta_params_metadata(cfg, **extra) -> dict:
     return {"variant": cfg.optimizer.name, "num_grads": cfg.num_grads, "hidden_size": cfg.hidden_size,
             "num_local_steps": cfg.num_local_steps, "local_learning_rate": cfg.local_learning_rate,
+            "local_batch_size": cfg.local_batch_size, "meta_loss_split": cfg.meta_loss_split,
             "task": cfg.task.name, **extra}
+
+
+def command_line() -> str:
+    """This job's command, as the user could type it again (keys that do not change the
+    result, such as resume= and progress=, left out)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("resume", "progress")]
+    return " ".join(["python -m lagg_pipeline", *kept])
+
+
+def pes_data(cfg, splits):
+    """The splits meta-training reads: train, and the meta-loss split unless that is train."""
+    from lagg_pipeline.meta.pes import PESData
+
+    return PESData(splits.train, None if cfg.meta_loss_split == "train" else getattr(splits, cfg.meta_loss_split))
 
 
 def meta_train(cfg, splits, task, aggregator):
@@ -170,7 +197,7 @@ def meta_train(cfg, splits, task, aggregator):
     name = meta_run_name(cfg)
     directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
     manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
-    trainer = MetaTrainer(cfg, task, splits.train, aggregator)
+    trainer = MetaTrainer(cfg, task, pes_data(cfg, splits), aggregator)
     state, run = None, None
     if cfg.resume and manager.latest_step() is not None:
         state, saved = manager.restore(trainer.init())
@@ -190,8 +217,10 @@ def meta_train(cfg, splits, task, aggregator):
         state, history = run_meta_training(trainer, manager, run, metadata=metadata, state=state,
                                            progress=cfg.progress, logged_through=logged_through)
         out = output_dir()
+        seconds = run.metric_total("seconds_per_outer_step")  # over every session of a resumed run
         exported = save_params(out / "meta_params.npz", state.meta_params,
-                               meta_params_metadata(cfg, outer_steps=int(state.outer_step), meta_run=name))
+                               meta_params_metadata(cfg, outer_steps=int(state.outer_step), meta_run=name,
+                                                    command=command_line(), meta_train_seconds=seconds))
         shutil.copy(exported, directory / "meta_params.npz")
         run.log_artifact(exported, "meta_params")
         if history:
@@ -212,10 +241,11 @@ def jax_tree(tree):
 
 
 def load_meta_params(cfg):
-    """(meta_params, metadata) from checkpoint=<file or MLflow artifact URI>."""
+    """(meta_params, metadata) from checkpoint=<file or MLflow artifact URI> or pretrained=<name>."""
+    from lagg_pipeline import pretrained
     from lagg_pipeline.checkpoint import CheckpointError, load_params
 
-    location = cfg.checkpoint
+    location = str(pretrained.path(cfg.optimizer.name, cfg.pretrained)) if cfg.pretrained else cfg.checkpoint
     if location is None:
         raise ConfigError(f"mode=benchmark optimizer={cfg.optimizer.name} needs checkpoint=<meta_params.npz "
                           f"or MLflow artifact URI>")
@@ -236,7 +266,7 @@ def load_meta_params(cfg):
     return jax_tree(meta_params), metadata
 
 
-TRAINED_WITH = ("num_grads", "num_local_steps", "local_learning_rate", "hidden_size")
+TRAINED_WITH = ("num_grads", "num_local_steps", "local_learning_rate", "local_batch_size", "hidden_size")
 SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}
 
 
@@ -293,23 +323,37 @@ def run_job(cfg):
     validate(cfg)
     name = cfg.optimizer.name
     learned = name in LEARNED_OPTIMIZERS
+    if cfg.pretrained == "list":
+        from lagg_pipeline import pretrained
+
+        print(pretrained.describe())
+        return None
     if cfg.mode == "import_legacy":
         return import_legacy_job(cfg)
     if not learned and cfg.mode == "meta_train":
         raise ConfigError(f"mode=meta_train needs a learned optimizer ({', '.join(LEARNED_OPTIMIZERS)}); "
                           f"optimizer={name} is hand-designed")
+    if cfg.mode == "select_tuned":
+        return select_tuned_job(cfg)
+    if cfg.mode == "report":
+        from lagg_pipeline.comparison import report_job
+
+        return report_job(cfg, output_dir())
     splits, task = load_task(cfg)
     if not learned:
+        cfg = with_tuned_values(cfg)
         result = benchmark(cfg, hand_server_update(cfg.optimizer), name, splits, task)
         return finish([result], output_dir())[name]["outer_valid_loss"]
 
-    if cfg.mode == "benchmark":
+    if cfg.mode == "benchmark" or cfg.checkpoint or cfg.pretrained:  # a saved aggregator: benchmark it
         meta_params, metadata = load_meta_params(cfg)
         cfg = adopt_training_settings(cfg, metadata)
         aggregator = learned_aggregator(cfg)
         server_update = checked_server_update(aggregator, meta_params)
         run = start_job_run(cfg, f"{name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}",
-                            checkpoint=cfg.checkpoint)
+                            checkpoint=cfg.pretrained or cfg.checkpoint)
+        method = f"{name}@{cfg.pretrained}" if cfg.pretrained else name  # the report tells them apart
+        shipped = None
     else:
         aggregator = learned_aggregator(cfg)
         meta_params, run = meta_train(cfg, splits, task, aggregator)
@@ -317,15 +361,63 @@ def run_job(cfg):
             run.end()
             return None
         server_update = aggregator.server_update(meta_params)
+        method, shipped = name, shipped_counterpart(cfg)
     try:
-        result = benchmark(cfg, server_update, name, splits, task, run=run)
+        results = [benchmark(cfg, server_update, method, splits, task, run=run)]
+        if shipped is not None:  # what a longer meta-training gives, beside this short one
+            shipped_cfg = cfg.copy()
+            shipped_cfg.pretrained = shipped
+            shipped_params, metadata = load_meta_params(shipped_cfg)
+            shipped_cfg = adopt_training_settings(shipped_cfg, metadata)
+            results.append(benchmark(shipped_cfg, checked_server_update(aggregator, shipped_params),
+                                     f"{name}@{shipped}", splits, task, baseline_for=run.run_id))
         baseline_cfg = cfg.copy()
         baseline_cfg.optimizer = OmegaConf.create(FEDAVG)
-        baseline = benchmark(baseline_cfg, hand_server_update(baseline_cfg.optimizer), "fedavg", splits, task,
-                             baseline_for=run.run_id)
-        final = finish([result, baseline], output_dir(), run)
+        baseline_cfg = with_tuned_values(baseline_cfg)  # FedAvg at its own best gamma: a fair baseline
+        results.append(benchmark(baseline_cfg, hand_server_update(baseline_cfg.optimizer), "fedavg", splits,
+                                 task, baseline_for=run.run_id))
+        final = finish(results, output_dir(), run)
     except BaseException:
         run.end("FAILED")
         raise
     run.end()
-    return final[name]["outer_valid_loss"]
+    return final[method]["outer_valid_loss"]
+
+
+def with_tuned_values(cfg):
+    """Apply the recorded tuned values of this task/optimizer/H/K (tuned=true), saying which."""
+    from lagg_pipeline import tuning
+
+    if not cfg.tuned:
+        return cfg
+    cfg, applied = tuning.apply(cfg, command_line_keys(), root=Path(cfg.tuned_dir) if cfg.tuned_dir else None)
+    if applied:
+        print(f"{cfg.optimizer.name}: tuned values for {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads} "
+              f"(conf/tuned; tuned=false turns them off): " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+    return cfg
+
+
+def select_tuned_job(cfg):
+    """mode=select_tuned: write the best grid point per task/optimizer/H/K of the tuning experiment."""
+    from lagg_pipeline import tuning
+
+    experiment = cfg.tracking.experiment if "tracking.experiment" in command_line_keys() else "tuning"
+    client, _ = tracking.client(cfg.tracking)
+    root = Path(cfg.tuned_dir) if cfg.tuned_dir else tuning.tuned_root()
+    try:
+        written = tuning.select(client, experiment, root)
+    except LookupError as err:
+        raise UserError(str(err)) from None
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"no finished grid runs of hand-designed optimizers in experiment {experiment}")
+    return [str(p) for p in written]
+
+
+def shipped_counterpart(cfg) -> str | None:
+    """The shipped pretrained aggregator of this variant for this task, K, H and meta-loss split."""
+    from lagg_pipeline import pretrained
+
+    return pretrained.matching(cfg.optimizer.name, cfg.task.name, cfg.num_grads, cfg.num_local_steps,
+                               cfg.meta_loss_split)

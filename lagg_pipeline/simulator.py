@@ -63,14 +63,15 @@ class RoundState(NamedTuple):
     data_counter: jax.Array  # int32: training examples consumed so far
 
 
-def make_round_step(task, train_split, server_update, *, num_grads: int, num_local_steps: int,
+def make_round_step(task, server_update, *, num_grads: int, num_local_steps: int,
                     local_batch_size: int, local_learning_rate: float):
-    """``step(state) -> (state, train_loss)``: sample one K*H*B batch on the device,
-    run the clients, apply the server update. Pure, so it can sit inside scan and vmap."""
+    """``step(state, train_split) -> (state, train_loss)``: sample one K*H*B batch on the
+    device, run the clients, apply the server update. Pure, so it can sit inside scan and
+    vmap; the split is an argument so that jit never embeds a dataset as a constant."""
     client_round = make_client_round(task.loss, local_learning_rate, server_update.client)
-    count = num_grads * num_local_steps * local_batch_size
+    count = round_size(num_grads, num_local_steps, local_batch_size)
 
-    def step(state: RoundState):
+    def step(state: RoundState, train_split):
         x_N, y_N = sample_batch(train_split, state.data_key, state.data_counter, count)
         x, y = reshape_round_batch(x_N, y_N, num_grads, num_local_steps)
         deltas_K, train_loss = client_round(state.params, x, y)
@@ -78,3 +79,8 @@ def make_round_step(task, train_split, server_update, *, num_grads: int, num_loc
         return RoundState(params, server_state, state.data_key, state.data_counter + count), train_loss
 
     return step
+
+
+def round_size(num_grads: int, num_local_steps: int, local_batch_size: int) -> int:
+    """Examples one round consumes: K*H*B."""
+    return num_grads * num_local_steps * local_batch_size

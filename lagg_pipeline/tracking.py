@@ -82,6 +82,10 @@ class Run:
         """The highest step logged for metric ``name`` (0 if none)."""
         return max((m.step for m in self.client.get_metric_history(self.run_id, name)), default=0)
 
+    def metric_total(self, name: str) -> float:
+        """The sum of every value logged for metric ``name``."""
+        return float(sum(m.value for m in self.client.get_metric_history(self.run_id, name)))
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
@@ -122,6 +126,11 @@ def _client_and_experiment(tracking_cfg):
     if uri.startswith("sqlite:///"):
         artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     return client, client.create_experiment(tracking_cfg.experiment, artifact_location=artifact_location)
+
+
+def client(tracking_cfg):
+    """(MlflowClient, experiment id) of the configured store and experiment."""
+    return _client_and_experiment(tracking_cfg)
 
 
 def start_run(tracking_cfg, run_name: str, tags: Mapping[str, Any] | None = None,

@@ -3,6 +3,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from lagg_pipeline import cli
+from lagg_pipeline.cli import check_optimizer
 from lagg_pipeline.config import HAND_OPTIMIZERS, validate
 
 
@@ -17,7 +18,8 @@ def test_groups_match_the_documented_options():
     assert groups["H"] == ["16", "32", "4", "8"]
     assert groups["k"] == ["16", "32", "8"]
     assert set(HAND_OPTIMIZERS) <= set(groups["optimizer"])
-    assert {"digits_mlp", "mnist5k_mlp", "small_image_mlp_fmst", "image_mlp_fmst", "conv_c10"} <= set(groups["task"])
+    assert {"digits_mlp", "mnist5k_mlp", "mnist1d_mlp", "small_image_mlp_fmst", "image_mlp_fmst",
+            "conv_c10"} <= set(groups["task"])
 
 
 @pytest.mark.parametrize("optimizer", HAND_OPTIMIZERS)
@@ -52,6 +54,17 @@ def test_optimizer_arguments_follow_top_level_keys():
     (["mode=train"], "mode=train is not allowed; choose one of: auto, benchmark"),
     (["--multirun", "local_learning_rate=0.5,-1"], "local_learning_rate=-1.0 is not allowed"),
     (["optimizer=fedadam", "optimizer.server_learning_rate=-1"], "server_learning_rate=-1"),
+    (["optimizer=fedavgm", "optimizer.momentum=1.0"], "optimizer=fedavgm: momentum=1.0 is not allowed; it must be in [0, 1)"),
+    (["optimizer=diloco", "optimizer.momentum=1.5"], "momentum=1.5 is not allowed; it must be in [0, 1)"),
+    (["optimizer=fedadam", "optimizer.b2=1.0"], "b2=1.0 is not allowed; it must be in [0, 1)"),
+    (["optimizer=fedyogi", "optimizer.b1=1.0"], "b1=1.0 is not allowed; it must be in [0, 1)"),
+    (["trunc_length=1"], "trunc_length=1 is not allowed; it must be >= 2"),
+    (["mode=benchmark", "resume=true", "optimizer=fedavg"], "resume=true is not allowed with mode=benchmark"),
+    (["meta_loss_split=test"], "meta_loss_split=test is not allowed; choose one of: train, outer_valid"),
+    (["pretrained=nope"], "pretrained=nope is not allowed for optimizer=lagg_a; choose one of:"),
+    (["optimizer=fedavg", "pretrained=x"], "pretrained=x is not allowed with optimizer=fedavg"),
+    (["task=mnist1d_mlp", "task.image_size=8"], "task.image_size=8 is not allowed for mnist1d"),
+    (["task=mnist1d_mlp", "task.model=conv"], "task.model=conv is not allowed for mnist1d"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -62,21 +75,21 @@ def test_bad_input_is_one_line_and_exit_2(argv, expected, capsys):
     assert expected in err, err
 
 
-@pytest.mark.parametrize("search, keys", [
-    ("fedavg_grid", {"local_learning_rate", "num_local_steps"}),
-    ("slowmo_grid", {"slowmo_learning_rate", "local_learning_rate", "beta"}),
-    ("data_parallel_grid", {"optimizer", "learning_rate"}),
-])
-def test_hparams_search_grids_compose_into_valid_jobs(search, keys):
+@pytest.mark.parametrize("search", cli.config_groups()["hparams_search"])
+def test_hparams_search_grids_compose_into_valid_jobs(search):
     cli.config_module.register()
     with initialize_config_module("lagg_pipeline.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"hparams_search={search}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert set(params) == keys
+    assert params
     for key, values in params.items():  # every grid value passes the same checks as a CLI override
         for value in str(values).split(","):
             job = composed(f"hparams_search={search}", f"{key}={value}")
             validate(job)
+            check_optimizer(job)
+            if not search.startswith("paper_"):  # tuning grids: their own experiment, no tuned values
+                assert job.optimizer.name == search and not job.tuned
+                assert job.tracking.experiment == "tuning"
 
 
 @pytest.mark.parametrize("experiment", ["paper_fmnist", "paper_fmnist_baselines"])
@@ -88,3 +101,11 @@ def test_experiment_recipes_set_the_paper_settings(experiment):
     if experiment == "paper_fmnist":
         assert (cfg.num_outer_steps, cfg.num_tasks, cfg.trunc_length, cfg.pes_std) == (5000, 8, 50, 0.01)
         assert (cfg.schedule.peak_value, cfg.schedule.warmup_steps, cfg.schedule.end_value) == (3e-3, 100, 1e-3)
+
+
+@pytest.mark.parametrize("experiment", sorted(cli.config_groups()["experiment"]))
+@pytest.mark.parametrize("h, k", [("8", "16"), ("16", "32")])
+def test_shorthands_on_the_command_line_win_over_a_recipe(experiment, h, k):
+    cfg = composed(f"experiment={experiment}", f"H={h}", f"k={k}")
+    assert (cfg.num_local_steps, cfg.num_grads) == (int(h), int(k))
+    assert composed(f"experiment={experiment}", f"H={h}", "num_local_steps=2").num_local_steps == 2

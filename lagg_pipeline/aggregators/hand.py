@@ -18,6 +18,13 @@ def _positive(**values: float) -> None:
             raise ValueError(f"{name}={value} is not allowed; it must be > 0")
 
 
+def _decay(**values: float) -> None:
+    """Momentum and moment decays: a value of 1 or more never forgets, and the update grows without bound."""
+    for name, value in values.items():
+        if not 0 <= value < 1:
+            raise ValueError(f"{name}={value} is not allowed; it must be in [0, 1)")
+
+
 def pseudo_gradient_update(tx: optax.GradientTransformation, scale: float = 1.0,
                            client: str = LOCAL_SGD) -> ServerUpdate:
     """A server update applying ``tx`` to g = -scale * mean_k delta_k."""
@@ -63,22 +70,26 @@ def adam(learning_rate: float) -> ServerUpdate:
 def fedavgm(server_learning_rate: float, momentum: float) -> ServerUpdate:
     """FedAvgM (Hsu et al. 2019): heavy-ball server momentum on the pseudo-gradient."""
     _positive(server_learning_rate=server_learning_rate)
+    _decay(momentum=momentum)
     return pseudo_gradient_update(optax.sgd(server_learning_rate, momentum=momentum))
 
 
 def diloco(server_learning_rate: float, momentum: float) -> ServerUpdate:
     """DiLoCo's outer step (Douillard et al. 2023): Nesterov SGD on the pseudo-gradient."""
     _positive(server_learning_rate=server_learning_rate)
+    _decay(momentum=momentum)
     return pseudo_gradient_update(optax.sgd(server_learning_rate, momentum=momentum, nesterov=True))
 
 
 def fedadam(server_learning_rate: float, b1: float, b2: float, eps: float) -> ServerUpdate:
     """FedAdam (Reddi et al. 2021): Adam on the pseudo-gradient."""
     _positive(server_learning_rate=server_learning_rate, eps=eps)
+    _decay(b1=b1, b2=b2)
     return pseudo_gradient_update(optax.adam(server_learning_rate, b1=b1, b2=b2, eps=eps))
 
 
 def fedyogi(server_learning_rate: float, b1: float, b2: float, eps: float) -> ServerUpdate:
     """FedYogi (Reddi et al. 2021): Yogi on the pseudo-gradient."""
     _positive(server_learning_rate=server_learning_rate, eps=eps)
+    _decay(b1=b1, b2=b2)
     return pseudo_gradient_update(optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=eps))

@@ -2,7 +2,8 @@
 
 The TFDS train split of n examples is divided in stored order: the first ``n * 8 // 10`` are
 ``train``, the next ``n // 10`` ``inner_valid`` and the rest ``outer_valid``; ``test`` is the
-TFDS test split. Images become float32 in [0, 1], resized once if the task asks.
+TFDS test split. uint8 images become float32 in [0, 1], resized once if the task asks;
+float inputs (mnist1d's signals) are kept as they are.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class DatasetInfo(NamedTuple):
     tfds_name: str
     num_train: int  # size of the TFDS train split, before the 80/10/10 split
     num_test: int
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]  # one example's input shape
     num_classes: int
     embedded: bool
 
@@ -25,6 +26,7 @@ class DatasetInfo(NamedTuple):
 DATASETS = {
     "digits": DatasetInfo("digits", 1438, 359, (8, 8, 1), 10, True),
     "mnist5k": DatasetInfo("mnist5k", 4000, 1000, (28, 28, 1), 10, True),
+    "mnist1d": DatasetInfo("mnist1d", 8000, 2000, (40,), 10, True),
     "fashion_mnist": DatasetInfo("fashion_mnist", 60000, 10000, (28, 28, 1), 10, False),
     "mnist": DatasetInfo("mnist", 60000, 10000, (28, 28, 1), 10, False),
     "cifar10": DatasetInfo("cifar10", 50000, 10000, (32, 32, 3), 10, False),
@@ -36,7 +38,7 @@ class DataUnavailableError(RuntimeError):
 
 
 class Split(NamedTuple):
-    x: jax.Array  # float32 [N, H, W, C] in [0, 1]
+    x: jax.Array  # float32 [N, H, W, C] in [0, 1] (images) or [N, L] (mnist1d)
     y: jax.Array  # int32 [N]
 
 
@@ -111,25 +113,37 @@ def _load_public(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.nda
 def _load_embedded(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from lagg_pipeline.data.builders import EMBEDDED_BUILDERS
 
-    builder = EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        import tensorflow_datasets as tfds
+    import logging
 
-        print(f"preparing the embedded dataset {name} in {data_dir} (once; nothing is downloaded)")
-        tfds.display_progress_bar(False)  # TFDS's nested per-shard bars would swamp the terminal
-        try:
-            builder.download_and_prepare()
-        finally:
-            tfds.display_progress_bar(True)
+    import tensorflow_datasets as tfds
+
+    # While the folder is being created TFDS warns that the variant folder has no
+    # dataset_info.json: expected on first use, so keep absl's warnings off the terminal.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        builder = EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            print(f"preparing the embedded dataset {name} in {data_dir} (once; nothing is downloaded)")
+            tfds.display_progress_bar(False)  # TFDS's nested per-shard bars would swamp the terminal
+            try:
+                builder.download_and_prepare()
+            finally:
+                tfds.display_progress_bar(True)
+    finally:
+        absl_logger.setLevel(level)
     return {s: _read_array_record(builder, s) for s in ("train", "test")}
 
 
 def _to_device(images_NHWC: np.ndarray, labels_N: np.ndarray, image_size: int | None) -> Split:
-    """uint8 images to float32 [0, 1] on the default device, resized there once if asked."""
-    x_NHWC = jax.device_put(np.asarray(images_NHWC, np.float32) / np.float32(255))
-    n, h, w, c = x_NHWC.shape
-    if image_size is not None and (h, w) != (image_size, image_size):
+    """uint8 images to float32 [0, 1] on the default device, resized there once if asked;
+    float inputs unchanged."""
+    scale = np.float32(255) if images_NHWC.dtype == np.uint8 else np.float32(1)
+    x_NHWC = jax.device_put(np.asarray(images_NHWC, np.float32) / scale)
+    if image_size is not None and x_NHWC.shape[1:3] != (image_size, image_size):
         # Antialiased bilinear: when shrinking (28 -> 8) each output pixel averages its area.
+        n, _, _, c = x_NHWC.shape
         x_NHWC = jax.image.resize(x_NHWC, (n, image_size, image_size, c), "linear", antialias=True)
     return Split(x_NHWC, jax.device_put(np.asarray(labels_N, np.int32)))
 

@@ -12,10 +12,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lagg_pipeline.config import META_LOSS_SPLITS
+from lagg_pipeline.data import Split, sample_batch
 from lagg_pipeline.meta.truncation import Episode, advance, initial_episodes, normalize_meta_loss
-from lagg_pipeline.simulator import RoundState, make_round_step
+from lagg_pipeline.simulator import RoundState, make_round_step, round_size
 
 MetaParams = Any
+
+
+class PESData(NamedTuple):
+    """The splits a truncation reads, passed into jit as arguments (never embedded constants)."""
+
+    train: Split
+    meta: Split | None = None  # the split the meta-loss is measured on, when not the training loss
 
 
 class PESState(NamedTuple):
@@ -48,22 +57,40 @@ class PES:
     """The truncated-PES estimator for one learned aggregator on one task.
 
     ``aggregator`` provides ``init_meta_params`` and ``server_update(meta_params)``, whose
-    state records the last round's ``mean_abs_step``;
-    ``task`` and ``train_split`` define the inner problem (SPEC sections 1 and 6).
+    state records the last round's ``mean_abs_step``; ``task`` and the :class:`PESData` given
+    to :meth:`unroll` / :meth:`estimate` define the inner problem (SPEC sections 1 and 6).
+    ``meta_loss_split="train"`` scores each round by its training loss; ``"outer_valid"`` by
+    the loss of the updated weights on ``data.meta`` (SPEC 4, ``meta_loss_split``).
     """
 
-    def __init__(self, task, train_split, aggregator, *, num_tasks: int, trunc_length: int,
+    def __init__(self, task, aggregator, *, num_tasks: int, trunc_length: int,
                  pes_std: float, min_length: int, max_length: int, num_grads: int,
-                 num_local_steps: int, local_batch_size: int, local_learning_rate: float):
-        self.task, self.train_split, self.aggregator = task, train_split, aggregator
+                 num_local_steps: int, local_batch_size: int, local_learning_rate: float,
+                 meta_loss_split: str = "train"):
+        if meta_loss_split not in META_LOSS_SPLITS:
+            raise ValueError(f"meta_loss_split={meta_loss_split}; choose one of: {', '.join(META_LOSS_SPLITS)}")
+        self.task, self.aggregator, self.meta_loss_split = task, aggregator, meta_loss_split
         self.num_tasks, self.trunc_length, self.std = num_tasks, trunc_length, pes_std
         self.min_length, self.max_length = min_length, max_length
         self.round_args = dict(num_grads=num_grads, num_local_steps=num_local_steps,
                                local_batch_size=local_batch_size, local_learning_rate=local_learning_rate)
+        self.round_size = round_size(num_grads, num_local_steps, local_batch_size)
 
-    def _round(self, meta_params, state: RoundState):
+    def _round(self, meta_params, state: RoundState, data: PESData):
+        """One round of one member: (next state, its un-normalised meta-loss)."""
         update = self.aggregator.server_update(meta_params)
-        return make_round_step(self.task, self.train_split, update, **self.round_args)(state)
+        state, train_loss = make_round_step(self.task, update, **self.round_args)(state, data.train)
+        if self.meta_loss_split == "train":
+            return state, train_loss
+        return state, self._held_out_loss(state, data.meta)
+
+    def _held_out_loss(self, state: RoundState, split: Split):
+        """The updated weights' loss on the whole split, or on a round-sized batch of a larger one."""
+        if split.y.shape[0] <= self.round_size:
+            return self.task.loss(state.params, split.x, split.y)
+        # Its own stream (key folded with 1) at the training stream's position: fresh each round.
+        x, y = sample_batch(split, jax.random.fold_in(state.data_key, 1), state.data_counter, self.round_size)
+        return self.task.loss(state.params, x, y)
 
     def _fresh(self, meta_params, key) -> RoundState:
         init_key, data_key = jax.random.split(key)
@@ -79,18 +106,21 @@ class PES:
         accumulator = jax.tree.map(lambda p: jnp.zeros((self.num_tasks, *p.shape), p.dtype), meta_params)
         return PESState(_stack_pair(fresh), episode, accumulator, k_next)
 
-    def unroll(self, meta_params_2N, state: PESState) -> tuple[PESState, Truncation]:
+    def unroll(self, meta_params_2N, state: PESState, data: PESData) -> tuple[PESState, Truncation]:
         """T rounds of all 2N members; finished episodes are reset in place."""
+
+        def reset(trained, is_reset_N, k_reset):
+            fresh_N = jax.vmap(self._fresh)(jax.tree.map(lambda x: x[:self.num_tasks], meta_params_2N),
+                                            jax.random.split(k_reset, self.num_tasks))
+            return _where(jnp.concatenate([is_reset_N, is_reset_N]), _stack_pair(fresh_N), trained)
 
         def body(carry, _):
             rounds, episode, key = carry
             key, k_reset, k_length = jax.random.split(key, 3)
             episode, is_reset_N = advance(episode, k_length, self.min_length, self.max_length)
-            trained, loss_2N = jax.vmap(self._round)(meta_params_2N, rounds)
-            fresh_N = jax.vmap(self._fresh)(jax.tree.map(lambda x: x[:self.num_tasks], meta_params_2N),
-                                            jax.random.split(k_reset, self.num_tasks))
-            is_reset_2N = jnp.concatenate([is_reset_N, is_reset_N])
-            rounds = _where(is_reset_2N, _stack_pair(fresh_N), trained)
+            trained, loss_2N = jax.vmap(self._round, in_axes=(0, 0, None))(meta_params_2N, rounds, data)
+            # Most rounds reset no particle: skip building fresh ones then (a real branch in a scan).
+            rounds = jax.lax.cond(jnp.any(is_reset_N), reset, lambda t, *_: t, trained, is_reset_N, k_reset)
             loss_2N = normalize_meta_loss(loss_2N, self.task.num_classes)
             return (rounds, episode, key), (loss_2N, 1.0 - is_reset_N, is_reset_N,
                                                  trained.server_state.mean_abs_step)
@@ -100,14 +130,14 @@ class PES:
         finished = jnp.cumsum(is_reset, axis=0) > 0
         return state._replace(rounds=rounds, episode=episode, key=key), Truncation(loss, mask, finished, step_size)
 
-    def estimate(self, meta_params, state: PESState, key) -> tuple[MetaParams, PESState, dict]:
+    def estimate(self, meta_params, state: PESState, key, data: PESData) -> tuple[MetaParams, PESState, dict]:
         """One truncation: (PES gradient estimate, next state, metrics)."""
         leaves, treedef = jax.tree.flatten(meta_params)
         keys = jax.random.split(key, len(leaves))
         eps_N = treedef.unflatten([self.std * jax.random.normal(k, (self.num_tasks, *p.shape), p.dtype)
                                    for k, p in zip(keys, leaves)])
         meta_2N = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), meta_params, eps_N)
-        state, out = self.unroll(meta_2N, state)
+        state, out = self.unroll(meta_2N, state, data)
 
         n = self.num_tasks
         loss_pos, loss_neg = out.loss[:, :n], out.loss[:, n:]

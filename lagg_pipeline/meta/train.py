@@ -15,7 +15,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lagg_pipeline.checkpoint import CheckpointManager
-from lagg_pipeline.meta.pes import PES, PESState
+from lagg_pipeline.meta.pes import PES, PESData, PESState
 
 _LOG_EVERY = 10  # outer steps per MLflow batch: logging must not dominate
 
@@ -42,18 +42,26 @@ def meta_learning_rate(schedule_cfg, num_outer_steps: int):
 
 
 class MetaTrainer:
-    """Owns the PES estimator, the meta-optimizer and the jitted outer step."""
+    """Owns the PES estimator, the meta-optimizer and the jitted outer step.
 
-    def __init__(self, cfg, task, train_split, aggregator):
-        self.cfg, self.aggregator = cfg, aggregator
+    ``data`` holds the training split and, with ``meta_loss_split=outer_valid``, the split the
+    meta-loss is measured on; it enters the jitted step as an argument.
+    """
+
+    def __init__(self, cfg, task, data: PESData, aggregator):
+        self.cfg, self.aggregator, self.data = cfg, aggregator, data
         self.schedule = meta_learning_rate(cfg.schedule, cfg.num_outer_steps)
         self.optimizer = optax.adamw(self.schedule, weight_decay=cfg.weight_decay)
-        self.pes = PES(task, train_split, aggregator, num_tasks=cfg.num_tasks, trunc_length=cfg.trunc_length,
+        self.pes = PES(task, aggregator, num_tasks=cfg.num_tasks, trunc_length=cfg.trunc_length,
                        pes_std=cfg.pes_std, min_length=cfg.truncation_schedule_min_length,
                        max_length=cfg.num_inner_steps, num_grads=cfg.num_grads,
                        num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
-                       local_learning_rate=cfg.local_learning_rate)
-        self.step = jax.jit(self._step)
+                       local_learning_rate=cfg.local_learning_rate, meta_loss_split=cfg.meta_loss_split)
+        self.jitted_step = jax.jit(self._step)
+
+    def step(self, state: MetaTrainState):
+        """One outer step (jitted; the data go in as arguments)."""
+        return self.jitted_step(state, self.data)
 
     def init(self) -> MetaTrainState:
         key = jax.random.PRNGKey(self.cfg.seed)
@@ -62,9 +70,9 @@ class MetaTrainer:
         return MetaTrainState(meta_params, self.optimizer.init(meta_params), self.pes.init(meta_params, k_pes),
                               k_next, jnp.int32(0))
 
-    def _step(self, state: MetaTrainState):
+    def _step(self, state: MetaTrainState, data: PESData):
         key, k_est = jax.random.split(state.key)
-        grad, pes_state, metrics = self.pes.estimate(state.meta_params, state.pes, k_est)
+        grad, pes_state, metrics = self.pes.estimate(state.meta_params, state.pes, k_est, data)
         updates, opt_state = self.optimizer.update(grad, state.opt_state, state.meta_params)
         meta_params = optax.apply_updates(state.meta_params, updates)
         metrics = {**metrics, "meta_grad_norm": optax.global_norm(grad),

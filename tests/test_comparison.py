@@ -1,0 +1,137 @@
+"""Tuned-value selection and the cross-run report, on MLflow stores filled with known curves."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from lagg_pipeline import comparison, tracking, tuning
+from lagg_pipeline.benchmark import BenchmarkResult
+from lagg_pipeline.jobs import log_benchmark
+
+
+def tracking_cfg(experiment):
+    return OmegaConf.create({"enabled": True, "uri": None, "experiment": experiment, "parent_run_id": None,
+                             "run_name": None})
+
+
+def fake_result(name, train_SxR, ov_SxE=None, acc_SxE=None):
+    S, R = train_SxR.shape
+    eval_rounds = np.array([0, R // 2, R])
+    ov = np.full((S, 3), 0.5) if ov_SxE is None else ov_SxE
+    acc = np.full((S, 3), 0.9) if acc_SxE is None else acc_SxE
+    return BenchmarkResult(name, train_SxR, eval_rounds, ov + 0.01, acc, ov, 1e-3, 0.5)
+
+
+def log_run(experiment, name, result, *, optimizer=None, task="digits_mlp", H=4, seed=0, params=None,
+            parent=None):
+    optimizer = optimizer or name
+    cfg = tracking_cfg(experiment)
+    run = tracking.start_run(cfg, name, {"optimizer": optimizer, "task": task, "H": H, "K": 8, "seed": seed,
+                                         "method": name}, parent_run_id=parent)
+    run.log_params({"num_rounds": result.train_loss.shape[1], "num_runs": result.train_loss.shape[0],
+                    **(params or {})})
+    out = Path(f"art_{run.run_id}")
+    out.mkdir()
+    log_benchmark(run, result, out)
+    run.end()
+    return run
+
+
+def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
+    parent = tracking.start_run(tracking_cfg("tuning"), "sweep", {"sweep": "parent"})
+    parent.log_params({"sweep_overrides": "hparams_search=fedavg H=4"})
+    train = np.full((2, 30), 0.3)
+    for lr, ov in ((0.1, 0.9), (0.5, 0.2), (1.0, 0.4)):
+        log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), ov)),
+                params={"local_learning_rate": lr}, parent=parent.run_id)
+    diverged = train.copy()
+    diverged[:, 5:] = np.nan
+    log_run("tuning", "fedavg", fake_result("fedavg", diverged, np.full((2, 3), np.nan)),
+            params={"local_learning_rate": 2.0}, parent=parent.run_id)
+    # a run outside any sweep (no parent) is not a grid point
+    log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), 0.01)), params={"local_learning_rate": 9.0})
+    client, _ = tracking.client(tracking_cfg("tuning"))
+    (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
+    assert path == tmp_path / "tuned" / "digits_mlp" / "fedavg.yaml"
+    entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
+    assert entry["values"] == {"local_learning_rate": 0.5}
+    assert entry["outer_valid_loss"] == pytest.approx(0.2)
+    assert entry["grid_points"] == 4 and entry["diverged_points"] == 1
+    assert entry["grid"]["local_learning_rate"] == [0.1, 0.5, 1.0, 2.0] and entry["on_grid_edge"] == []
+    assert entry["sweep"] == ["python -m lagg_pipeline --multirun hparams_search=fedavg H=4"]
+    assert entry["mlflow"]["parent_runs"] == [parent.run_id]
+
+
+def test_tuned_values_apply_unless_the_command_line_sets_them(tmp_path, monkeypatch):
+    root = tmp_path / "tuned"
+    (root / "digits_mlp").mkdir(parents=True)
+    (root / "digits_mlp" / "fedavgm.yaml").write_text(
+        "H4_K8:\n  values: {local_learning_rate: 0.3, optimizer.momentum: 0.5}\n")
+    monkeypatch.setattr(tuning, "tuned_root", lambda: root)  # the default root, as jobs read it
+    cfg = OmegaConf.create({"task": {"name": "digits_mlp"}, "optimizer": {"name": "fedavgm", "momentum": 0.9},
+                            "num_local_steps": 4, "num_grads": 8, "local_learning_rate": 0.5})
+    tuned, applied = tuning.apply(cfg, given=set())
+    assert applied == {"local_learning_rate": 0.3, "optimizer.momentum": 0.5}
+    assert (tuned.local_learning_rate, tuned.optimizer.momentum) == (0.3, 0.5) and cfg.local_learning_rate == 0.5
+    tuned, applied = tuning.apply(cfg, given={"local_learning_rate"})
+    assert applied == {"optimizer.momentum": 0.5} and tuned.local_learning_rate == 0.5
+    cfg.num_local_steps = 8  # no entry for H=8: nothing changes
+    assert tuning.apply(cfg, given=set()) == (cfg, {})
+
+
+def test_every_grid_recipe_names_the_keys_it_tunes():
+    from lagg_pipeline.config import HAND_OPTIMIZERS
+
+    for optimizer in HAND_OPTIMIZERS:
+        assert tuning.grid_keys(optimizer), optimizer
+
+
+def test_rounds_to_reach_uses_the_smoothed_seed_mean():
+    rounds = np.arange(1, 101, dtype=float)
+    curves = comparison.Curves("x", "fedavg", "", np.stack([1 / rounds, 1 / rounds]), np.array([0, 100]),
+                               *(np.zeros((2, 2)),) * 3)
+    # the 10-round trailing mean of 1/r first drops to <= 0.05 at round 25 (mean of 1/16..1/25)
+    smoothed = [np.mean(1 / rounds[max(0, r - 10):r]) for r in range(1, 101)]
+    expected = next(r for r in range(1, 101) if smoothed[r - 1] <= 0.05)
+    assert comparison.rounds_to_reach(curves, 0.05) == expected
+    assert comparison.rounds_to_reach(curves, 1e-9) is None
+
+
+def test_report_pools_seeds_ranks_methods_and_states_the_verdict(tmp_path):
+    R = 300
+    r = np.arange(1, R + 1, dtype=float)
+    fedavg = np.stack([1 / np.sqrt(r)] * 2)
+    learned = np.stack([0.5 / np.sqrt(r)] * 2)
+    # an older run of the same method and starting seed is replaced by the newer one
+    log_run("results", "fedavg", fake_result("fedavg", 5 * fedavg), params={"local_learning_rate": 0.1})
+    log_run("results", "fedavg", fake_result("fedavg", fedavg), params={"local_learning_rate": 0.5})
+    log_run("results", "fedadam", fake_result("fedadam", 2 * fedavg),
+            params={"local_learning_rate": 0.5, "optimizer.server_learning_rate": 0.01})
+    # two runs of the learned method with different starting seeds are pooled: 4 seeds
+    for seed in (0, 2):
+        log_run("results", "lagg_a@digits_k8_h4", fake_result("lagg_a@digits_k8_h4", learned, np.full((2, 3), 0.6)),
+                optimizer="lagg_a", seed=seed, params={"local_learning_rate": 0.5, "pretrained": "digits_k8_h4"})
+    client, _ = tracking.client(tracking_cfg("results"))
+    groups = comparison.collect(client, "results")
+    (key, curves), = groups.items()
+    assert key == ("digits_mlp", 8, 4, R)
+    assert [c.method for c in curves] == ["lagg_a@digits_k8_h4", "fedavg", "fedadam"]
+    assert curves[0].train_loss.shape == (4, R) and curves[1].train_loss.shape == (2, R)
+    np.testing.assert_array_equal(curves[1].train_loss, fedavg)
+    header, table, numbers = comparison.rows(curves)
+    assert header[2:6] == ["train r50", "train r100", "train r250", f"train r{R}"]
+    assert table[1][1] == "local_learning_rate=0.5" and table[2][1].endswith("server_learning_rate=0.01")
+    assert table[0][2] == f"{0.5 / np.sqrt(50):.4g} ± 0"
+    assert table[1][-1] == "300" and table[2][-1] == "> 300"
+    lines = comparison.verdict(numbers, R)
+    assert lines[0].startswith("- **lagg_a@digits_k8_h4**: lowest train loss at every reported round from 100 on")
+    assert "does not match it" in lines[0]  # its outer-valid loss 0.6 is above the baselines' 0.5
+    text = comparison.markdown(groups, tmp_path)
+    assert (tmp_path / f"digits_mlp_K8_H4_R{R}.png").stat().st_size > 10_000
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{comparison.BEGIN}\nold numbers\n{comparison.END}\ntail\n")
+    comparison.splice_readme(readme, text)
+    content = readme.read_text()
+    assert "old numbers" not in content and content.startswith("intro\n") and content.endswith("tail\n")
+    assert "| **lagg_a@digits_k8_h4** |" in content
