@@ -64,13 +64,12 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 	for task in digits_mlp mnist1d_mlp; do \
 		$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=$$task H=4,8 \
 			$(RESULTS_ARGS) || exit 1; done
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp \
-		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h8_ov $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(RESULTS_ARGS) \
+		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp pretrained=mnist1d_k8_h4_ov $(RESULTS_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp pretrained=digits_k8_h4_ov $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist5k_mlp H=4 $(RESULTS_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp \
-		pretrained=digits_k8_h4,mnist1d_k8_h4_ov $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(RESULTS_ARGS) \
+		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,mnist1d_k8_h4_ov
 	$(MAKE) report
 
 report: install ## the comparison report of the "results" experiment, spliced into README.md

@@ -83,8 +83,9 @@ def run_benchmark(task, splits, server_update, *, name: str, num_grads: int, num
             run_seconds += time.perf_counter() - t0
             losses.append(np.asarray(loss_SxN))
             evals.append(evaluate(states.params, splits.test, splits.outer_valid))
+            # postfix first: update() redraws, so the bar shows this chunk's loss, not the previous one
+            bar.set_postfix(train_loss=f"{losses[-1][:, -1].mean():.4f}", refresh=False)
             bar.update(n)
-            bar.set_postfix(train_loss=f"{losses[-1][:, -1].mean():.4f}")
 
     test_loss, test_accuracy, outer_valid_loss = (np.stack([np.asarray(e[i]) for e in evals], axis=1)
                                                   for i in range(3))

@@ -132,12 +132,15 @@ def load_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
         if isinstance(data, np.lib.npyio.NpzFile):
             with data:
                 arrays = {name: data[name] for name in data.files}
-    except (ValueError, zipfile.BadZipFile) as err:
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError, KeyError) as err:  # garbled or truncated
         raise CheckpointError(f"{path}: refusing to load: {err}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise CheckpointError(f"{path} holds a single array, not an .npz checkpoint")
     raw = arrays.pop(META_KEY, None)
-    metadata = json.loads(raw.tobytes().decode()) if raw is not None else {}
+    try:
+        metadata = json.loads(raw.tobytes().decode()) if raw is not None else {}
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
+        raise CheckpointError(f"{path}: unreadable metadata: {err}") from None
     return arrays, metadata
 
 
@@ -246,6 +249,21 @@ class CheckpointManager:
         for old in [s for s in self._steps() if s != step][:-(self.keep - 1) or None]:
             self.path(old).unlink(missing_ok=True)
         return path
+
+    def restore_newest_valid(self, template) -> tuple[Any, dict, int, list[str]]:
+        """(tree, metadata, step, problems) of the newest checkpoint that loads and matches
+        ``template``, trying older ones when the newest is truncated, garbled or mismatched;
+        ``problems`` says what was skipped. CheckpointError if none is usable."""
+        latest = self.latest_step()
+        steps = sorted(set(self._steps()) | ({latest} if latest is not None else set()), reverse=True)
+        problems = []
+        for step in steps:
+            try:
+                tree, metadata = load_pytree(self.path(step), template)
+                return tree, metadata, step, problems
+            except CheckpointError as err:
+                problems.append(str(err))
+        raise CheckpointError(f"no usable checkpoint in {self.directory}" + (f": {problems[0]}" if problems else ""))
 
     def restore(self, template, step: int | None = None) -> tuple[Any, dict]:
         """(tree, metadata) of ``step`` (default: the latest), shaped like ``template``."""

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from lagg_pipeline import config as config_module
-from lagg_pipeline.config import Config, ConfigError, validate
+from lagg_pipeline.config import SHORTHANDS, Config, ConfigError, validate
 
 CONFIG_MODULE = "lagg_pipeline.conf"
 _VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
@@ -129,6 +129,8 @@ def preflight(overrides: list[str]):
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from lagg_pipeline.jobs import check_inputs
+
     config_module.register()
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -136,6 +138,7 @@ def preflight(overrides: list[str]):
         raise ConfigError(str(err).splitlines()[0]) from None
     parsed = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     groups, keys = config_groups(), schema_keys()
+    given = {SHORTHANDS.get(o.key_or_group, o.key_or_group) for o in parsed}
     base_cfg = None
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
@@ -149,6 +152,7 @@ def preflight(overrides: list[str]):
                 raise ConfigError(messages[0] if messages else type(err).__name__) from None
             validate(cfg)
             check_optimizer(cfg)
+            check_inputs(cfg, given)
             base_cfg = base_cfg or cfg
     GlobalHydra.instance().clear()
     return base_cfg
@@ -162,11 +166,14 @@ def _fail(message: str, code: int = 2):
 @hydra.main(config_path="pkg://lagg_pipeline.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg):
     from lagg_pipeline.jobs import UserError, run_job
+    from lagg_pipeline.meta.train import MetaTrainingDiverged, Preempted
 
     try:
         return run_job(cfg)
-    except (ConfigError, UserError) as err:
+    except (ConfigError, UserError, MetaTrainingDiverged) as err:
         _fail(str(err), 2 if isinstance(err, ConfigError) else 1)
+    except Preempted as err:  # 128 + SIGTERM: schedulers read it as "terminated", not as a failure of the code
+        _fail(str(err), 143)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "feda
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
 MODELS = ("mlp", "conv")
 META_LOSS_SPLITS = ("train", "outer_valid")
+SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}  # the H/ and k/ config groups set these keys
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,7 @@ class Config:
     truncation_schedule_min_length: int = 100
     meta_loss_split: str = "train"  # or outer_valid: meta-train on held-out loss (SPEC 4)
     num_outer_steps: int = 200
+    pes_devices: Optional[int] = None  # local devices the PES particles are spread over (None: all that fit)
     weight_decay: float = 1e-4
     save_iter: int = 25
     checkpoints_to_keep: int = 10
@@ -136,6 +138,13 @@ def validate(cfg) -> None:
              f"resume=true is not allowed with mode={cfg.mode}"
              f"{' and a saved aggregator' if cfg.checkpoint or cfg.pretrained else ''}; it continues a meta-training "
              f"(mode=auto or meta_train with a learned optimizer)")
+    if name in LEARNED_OPTIMIZERS and cfg.pes_devices is not None:
+        from lagg_pipeline.meta.devices import particle_devices
+
+        try:
+            particle_devices(cfg.pes_devices, 2 * cfg.num_tasks)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     _require(cfg.meta_loss_split in META_LOSS_SPLITS,
              f"meta_loss_split={cfg.meta_loss_split} is not allowed; choose one of: {', '.join(META_LOSS_SPLITS)}")
     _require(0 <= cfg.beta < 1, f"beta={cfg.beta} is not allowed; it must be in [0, 1)")

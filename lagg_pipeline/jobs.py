@@ -1,6 +1,7 @@
 """What one Hydra job does, dispatched on ``mode``: benchmark, meta-train, import."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from lagg_pipeline import tracking
-from lagg_pipeline.config import LEARNED_OPTIMIZERS, ConfigError, validate
+from lagg_pipeline.config import LEARNED_OPTIMIZERS, SHORTHANDS, ConfigError, validate
 
 
 FEDAVG = {"name": "fedavg", "_target_": "lagg_pipeline.aggregators.hand.fedavg"}
@@ -17,6 +18,14 @@ FEDAVG = {"name": "fedavg", "_target_": "lagg_pipeline.aggregators.hand.fedavg"}
 
 class UserError(RuntimeError):
     """A problem the user can fix (missing data, incompatible checkpoint): one line, exit 1."""
+
+
+def end_status(err: BaseException) -> str:
+    """MLflow's status for a run ended by ``err``: KILLED when stopped from outside (Ctrl-C,
+    SIGTERM), FAILED otherwise; never FINISHED."""
+    from lagg_pipeline.meta.train import Preempted
+
+    return "KILLED" if isinstance(err, (KeyboardInterrupt, Preempted)) else "FAILED"
 
 
 def output_dir() -> Path:
@@ -111,9 +120,9 @@ def benchmark(cfg, server_update, name: str, splits, task, *, run=None, **tags):
                                progress=cfg.progress)
         run.set_tags({"method": name})
         log_benchmark(run, result, out)
-    except BaseException:
+    except BaseException as err:
         if own_run:
-            run.end("FAILED")
+            run.end(end_status(err))
         raise
     if own_run:
         run.end()
@@ -186,23 +195,83 @@ def pes_data(cfg, splits):
     return PESData(splits.train, None if cfg.meta_loss_split == "train" else getattr(splits, cfg.meta_loss_split))
 
 
+def sweep_dir() -> str | None:
+    """The folder of the --multirun sweep this job belongs to (None for a single run)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return None
+    return str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (waits for another process holding it)."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def meta_train(cfg, splits, task, aggregator):
-    """Meta-train (or resume), export the meta-parameters; returns (meta_params, run)."""
+    """Meta-train (or resume), export the meta-parameters; returns (meta_params, run).
+
+    Jobs of one sweep that share a meta-training (they differ only in benchmark keys) take
+    turns on a lock beside its checkpoint folder: the first trains, the others reuse its
+    export, so no job redoes it or touches another's checkpoints."""
+    name = meta_run_name(cfg)
+    directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
+    with exclusive(directory.parent / f".{name}.lock"):
+        sweep = sweep_dir()
+        reused = _reuse_from_sweep(cfg, directory, sweep) if sweep and not cfg.resume else None
+        if reused is not None:
+            return reused
+        return _meta_train_locked(cfg, splits, task, aggregator, name, directory, sweep)
+
+
+def _reuse_from_sweep(cfg, directory: Path, sweep: str):
+    from lagg_pipeline.checkpoint import CheckpointError, load_params
+
+    export = directory / "meta_params.npz"
+    try:
+        meta_params, metadata = load_params(export) if export.is_file() else (None, {})
+    except CheckpointError:
+        return None
+    if metadata.get("sweep_dir") != sweep or metadata.get("outer_steps") != cfg.num_outer_steps:
+        return None
+    print(f"reusing this sweep's meta-training {directory.name} ({export})")
+    run = start_job_run(cfg, f"{cfg.optimizer.name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}",
+                        meta_run=directory.name, reused_meta_training=metadata.get("mlflow_run_id"))
+    return jax_tree(meta_params), run
+
+
+def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path, sweep: str | None):
     import shutil
 
-    from lagg_pipeline.checkpoint import CheckpointManager, save_params
+    from lagg_pipeline.checkpoint import CheckpointError, CheckpointManager, save_params
     from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
     from lagg_pipeline.report import plot_meta_loss
 
-    name = meta_run_name(cfg)
-    directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
     manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
     trainer = MetaTrainer(cfg, task, pes_data(cfg, splits), aggregator)
     state, run = None, None
     if cfg.resume and manager.latest_step() is not None:
-        state, saved = manager.restore(trainer.init())
+        try:
+            state, saved, step, problems = manager.restore_newest_valid(trainer.init())
+        except CheckpointError as err:
+            raise UserError(f"resume=true: {err}") from None
+        for problem in problems:
+            print(f"skipping an unusable checkpoint: {problem}")
         run = tracking.resume_run(cfg.tracking, saved["mlflow_run_id"]) if saved.get("mlflow_run_id") else None
-        print(f"resuming {name} at outer step {int(state.outer_step)} from {manager.latest_path()}")
+        print(f"resuming {name} at outer step {int(state.outer_step)} from {manager.path(step)}")
     elif cfg.resume:
         print(f"resume=true: no checkpoint of {name} under {directory}; starting from scratch")
     elif manager.latest_step() is not None:  # a fresh start never overwrites an older run
@@ -220,15 +289,16 @@ def meta_train(cfg, splits, task, aggregator):
         seconds = run.metric_total("seconds_per_outer_step")  # over every session of a resumed run
         exported = save_params(out / "meta_params.npz", state.meta_params,
                                meta_params_metadata(cfg, outer_steps=int(state.outer_step), meta_run=name,
-                                                    command=command_line(), meta_train_seconds=seconds))
+                                                    command=command_line(), meta_train_seconds=seconds,
+                                                    sweep_dir=sweep, mlflow_run_id=run.run_id))
         shutil.copy(exported, directory / "meta_params.npz")
         run.log_artifact(exported, "meta_params")
         if history:
             first = int(state.outer_step) - len(history)
             run.log_artifact(plot_meta_loss(history, first, out / "meta_loss.png"), "plots")
         print(f"meta-parameters: {exported} (and {directory / 'meta_params.npz'})")
-    except BaseException:
-        run.end("FAILED")
+    except BaseException as err:
+        run.end(end_status(err))  # KILLED stays resumable: resume=true reopens this run
         raise
     return jax_tree(state.meta_params), run
 
@@ -252,8 +322,11 @@ def load_meta_params(cfg):
     if "://" in location or location.startswith("runs:/"):
         import mlflow
 
-        location = mlflow.artifacts.download_artifacts(artifact_uri=location,
-                                                       tracking_uri=tracking.tracking_uri(cfg.tracking.uri))
+        try:
+            location = mlflow.artifacts.download_artifacts(artifact_uri=location,
+                                                           tracking_uri=tracking.tracking_uri(cfg.tracking.uri))
+        except Exception as err:  # MlflowException, OSError: the run, the file or the server is missing
+            raise UserError(f"checkpoint={cfg.checkpoint}: cannot download it: {str(err).splitlines()[0]}") from None
     if not Path(location).is_file():
         raise UserError(f"checkpoint={location}: no such file")
     try:
@@ -267,7 +340,6 @@ def load_meta_params(cfg):
 
 
 TRAINED_WITH = ("num_grads", "num_local_steps", "local_learning_rate", "local_batch_size", "hidden_size")
-SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}
 
 
 def command_line_keys() -> set[str]:
@@ -302,6 +374,53 @@ def checked_server_update(aggregator, meta_params):
         return aggregator.server_update(meta_params)
     except ValueError as err:  # incompatible K, width or layout: one line, no shape traceback
         raise UserError(str(err)) from None
+
+
+def check_inputs(cfg, given: set[str]) -> None:
+    """Refuse, before Hydra creates anything, the inputs a job names that cannot work: a
+    missing, garbled or incompatible saved aggregator, a legacy file the importer refuses,
+    an unreachable tracking server. ``given``: the keys the command line sets."""
+    import os
+
+    from lagg_pipeline.checkpoint import CheckpointError, load_params
+
+    name = cfg.optimizer.name
+    if cfg.mode == "import_legacy":
+        from lagg_pipeline.legacy import LegacyFormatError, read_legacy
+
+        try:
+            read_legacy(cfg.legacy_path, name, cfg.num_grads, cfg.hidden_size)
+        except (LegacyFormatError, ValueError, OSError) as err:
+            raise ConfigError(f"legacy_path={cfg.legacy_path}: {str(err).splitlines()[0]}") from None
+    location = cfg.checkpoint
+    if name in LEARNED_OPTIMIZERS and cfg.mode == "benchmark" and not (location or cfg.pretrained):
+        raise ConfigError(f"mode=benchmark optimizer={name} needs checkpoint=<meta_params.npz or MLflow artifact "
+                          f"URI> or pretrained=<name>")
+    if name in LEARNED_OPTIMIZERS and location and "://" not in location and not location.startswith("runs:/"):
+        if not Path(location).is_file():
+            raise ConfigError(f"checkpoint={location}: no such file")
+        try:
+            meta_params, metadata = load_params(location)
+        except CheckpointError as err:
+            raise ConfigError(f"checkpoint={location}: {err}") from None
+        if metadata.get("variant") not in (None, name):
+            raise ConfigError(f"checkpoint={location} holds {metadata['variant']} meta-parameters, not optimizer={name}")
+        from lagg_pipeline.aggregators.learned import LearnedAggregator
+
+        setting = {k: cfg[k] if k in given else metadata.get(k, cfg[k]) for k in ("num_grads", "hidden_size")}
+        try:
+            LearnedAggregator(name, setting["num_grads"], setting["hidden_size"]).server_update(jax_tree(meta_params))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"checkpoint={location}: {str(err).splitlines()[0]}") from None
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if cfg.tracking.enabled and uri and uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except OSError as err:
+            raise ConfigError(f"tracking uri {uri} is unreachable ({err}); start the server, fix "
+                              f"MLFLOW_TRACKING_URI / tracking.uri, or run with tracking=off") from None
 
 
 def import_legacy_job(cfg):
@@ -377,8 +496,8 @@ def run_job(cfg):
         results.append(benchmark(baseline_cfg, hand_server_update(baseline_cfg.optimizer), "fedavg", splits,
                                  task, baseline_for=run.run_id))
         final = finish(results, output_dir(), run)
-    except BaseException:
-        run.end("FAILED")
+    except BaseException as err:
+        run.end(end_status(err))
         raise
     run.end()
     return final[method]["outer_valid_loss"]

@@ -134,6 +134,13 @@ def load_legacy_meta_params(path) -> dict:
 
 def import_legacy(legacy_path, out_path, variant: str, num_grads: int, hidden_size: int) -> Path:
     """Convert a legacy LAgg-A / LOpt-A pickle into the pipeline's meta-parameter file."""
+    params = read_legacy(legacy_path, variant, num_grads, hidden_size)
+    return save_params(out_path, params, {"variant": variant, "num_grads": num_grads,
+                                          "hidden_size": hidden_size, "source": f"legacy:{Path(legacy_path).name}"})
+
+
+def read_legacy(legacy_path, variant: str, num_grads: int, hidden_size: int) -> dict:
+    """The meta-parameters of a legacy pickle, checked against the variant, K and hidden size."""
     if variant not in ("lagg_a", "lopt_a"):
         raise LegacyFormatError(f"optimizer={variant} cannot be imported: the reference code's files hold "
                                 f"lagg_a or lopt_a meta-parameters")
@@ -146,5 +153,4 @@ def import_legacy(legacy_path, out_path, variant: str, num_grads: int, hidden_si
     if hidden != hidden_size:
         raise LegacyFormatError(f"legacy file has hidden size {hidden}; it does not match "
                                 f"hidden_size={hidden_size} (set hidden_size={hidden})")
-    return save_params(out_path, params, {"variant": variant, "num_grads": num_grads, "hidden_size": hidden,
-                                          "source": f"legacy:{Path(legacy_path).name}"})
+    return params

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -15,6 +16,9 @@ import numpy as np
 
 LOCAL_STORE = Path("outputs")
 _BATCH = 1000  # MLflow accepts at most 1000 metrics (and 100 params) per log_batch call
+# MLflow 3's UI opens an experiment on its GenAI traces page unless the experiment says it
+# holds model-training runs; with this tag `make ui` lands on the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -49,31 +53,76 @@ def git_info() -> dict[str, str]:
     return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
+def _retrying(call, attempts: int = 4, first_wait: float = 0.25):
+    """``call()``, retried with exponential backoff: SQLite answers "database is locked" while
+    another job of a sweep writes, and a server may be restarting."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception:  # MlflowException, requests' and sqlalchemy's errors
+            if attempt == attempts - 1:
+                raise
+            time.sleep(first_wait * 2 ** attempt)
+
+
 class Run:
-    """One MLflow run, addressed by id (no global active-run state)."""
+    """One MLflow run, addressed by id (no global active-run state).
+
+    Metrics never get lost to a tracking fault: a batch the store refuses (after retries) is
+    kept, appended to ``outputs/mlflow_pending/<run id>.jsonl`` (the run says so once), and
+    sent before the next batch once the store answers again."""
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        self.pending: list = []  # metrics not yet accepted by the store
+
+    @property
+    def pending_file(self) -> Path:
+        return LOCAL_STORE / "mlflow_pending" / f"{self.run_id}.jsonl"
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            _retrying(lambda: self.client.log_batch(self.run_id, params=items[i:i + 100]))
 
     def log_metrics(self, series: Mapping[str, tuple[Iterable[int], Iterable[float]]]) -> None:
-        """{name: (steps, values)}, written in batches of 1000."""
-        import time as _time
-
+        """{name: (steps, values)}, written in batches of 1000 (kept and resent on failure)."""
         from mlflow.entities import Metric
 
-        now = int(_time.time() * 1000)
+        now = int(time.time() * 1000)
         metrics = [Metric(name, float(v), now, int(s))
                    for name, (steps, values) in series.items()
                    for s, v in zip(steps, np.asarray(values, dtype=np.float64)) if np.isfinite(v)]
-        for i in range(0, len(metrics), _BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + _BATCH])
+        self.pending.extend(metrics)
+        self.flush_pending()
+
+    def flush_pending(self) -> bool:
+        """Send what the store has not accepted yet; True when nothing is left."""
+        while self.pending:
+            batch = self.pending[:_BATCH]
+            try:
+                _retrying(lambda: self.client.log_batch(self.run_id, metrics=batch))
+            except Exception as err:
+                self._keep_locally(err)
+                return False
+            del self.pending[:len(batch)]
+        if self.pending_file.exists():
+            self.pending_file.unlink()
+            print(f"tracking store reachable again: buffered metrics of run {self.run_id} sent")
+        return True
+
+    def _keep_locally(self, err: Exception) -> None:
+        import json
+
+        first = not self.pending_file.exists()
+        self.pending_file.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.pending]
+        self.pending_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if first:
+            print(f"tracking store unavailable ({str(err).splitlines()[0][:200]}); metrics are kept in "
+                  f"{self.pending_file} and sent when it answers again")
 
     def log_metric(self, name: str, value: float, step: int = 0) -> None:
         self.log_metrics({name: ([step], [value])})
@@ -88,17 +137,23 @@ class Run:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            _retrying(lambda: self.client.set_tag(self.run_id, k, str(v)))
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder; when the store cannot take it, say so and go on (it stays on disk)."""
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        elif path.exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        upload = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        if not path.exists():
+            return
+        try:
+            _retrying(lambda: upload(self.run_id, str(path), artifact_path))
+        except Exception as err:
+            print(f"artifact not uploaded ({str(err).splitlines()[0][:200]}); it stays at {path}")
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        if not self.flush_pending():
+            print(f"run {self.run_id} ended with metrics still in {self.pending_file} (the store did not answer)")
+        _retrying(lambda: self.client.set_terminated(self.run_id, status))
 
 
 class NullRun:
@@ -119,13 +174,21 @@ def _client_and_experiment(tracking_cfg):
         LOCAL_STORE.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+    return client, _retrying(lambda: _experiment_id(client, uri, tracking_cfg.experiment))
+
+
+def _experiment_id(client, uri: str, name: str) -> str:
+    """The experiment's id, created if missing (a parallel job may create it first: then the
+    retry finds it)."""
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        return client, experiment.experiment_id
+        if EXPERIMENT_KIND[0] not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+        return experiment.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):
         artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return client, client.create_experiment(tracking_cfg.experiment, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
 
 
 def client(tracking_cfg):
@@ -143,7 +206,7 @@ def start_run(tracking_cfg, run_name: str, tags: Mapping[str, Any] | None = None
     all_tags["mlflow.source.git.commit"] = all_tags["git_commit"]
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run = _retrying(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags))
     return Run(client, run.info.run_id)
 
 

@@ -135,3 +135,66 @@ def test_report_pools_seeds_ranks_methods_and_states_the_verdict(tmp_path):
     content = readme.read_text()
     assert "old numbers" not in content and content.startswith("intro\n") and content.endswith("tail\n")
     assert "| **lagg_a@digits_k8_h4** |" in content
+
+
+def test_experiments_open_on_the_runs_view_in_the_mlflow_ui():
+    client, experiment_id = tracking.client(tracking_cfg("fresh"))
+    assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND[0]] == "custom_model_development"
+    other = client.create_experiment("made elsewhere")  # an existing experiment gets the tag on first use
+    client, experiment_id = tracking.client(tracking_cfg("made elsewhere"))
+    assert experiment_id == other
+    assert client.get_experiment(other).tags[tracking.EXPERIMENT_KIND[0]] == "custom_model_development"
+
+
+class FlakyClient:
+    """Refuses log_batch while ``down`` (like a stopped server or a locked SQLite file)."""
+
+    def __init__(self):
+        self.down, self.metrics, self.status = False, [], None
+
+    def log_batch(self, run_id, metrics=(), params=()):
+        if self.down:
+            raise ConnectionError("connection refused")
+        self.metrics.extend(metrics)
+
+    def set_terminated(self, run_id, status):
+        self.status = status
+
+    def log_artifact(self, run_id, path, artifact_path=None):
+        raise ConnectionError("connection refused")
+
+
+def test_metrics_survive_a_tracking_outage(monkeypatch, capsys):
+    monkeypatch.setattr(tracking, "_retrying", lambda call, **_: call())  # no waiting in the test
+    client = FlakyClient()
+    run = tracking.Run(client, "r1")
+    run.log_metrics({"meta_loss": ([1, 2], [0.5, 0.4])})
+    client.down = True
+    run.log_metrics({"meta_loss": ([3, 4], [0.3, 0.2])})
+    run.log_metrics({"meta_loss": ([5], [0.1])})
+    assert run.pending_file.is_file() and len(run.pending_file.read_text().splitlines()) == 3
+    out = capsys.readouterr().out
+    assert out.count("metrics are kept in") == 1 and str(run.pending_file) in out
+    run.log_artifact(__file__, "x")  # an upload that fails is reported, not raised
+    assert "artifact not uploaded" in capsys.readouterr().out
+    client.down = False
+    run.log_metrics({"meta_loss": ([6], [0.05])})
+    assert [m.step for m in client.metrics] == [1, 2, 3, 4, 5, 6]  # every step arrives, in order
+    assert not run.pending_file.exists() and "sent" in capsys.readouterr().out
+    run.end()
+    assert client.status == "FINISHED"
+
+
+def test_retrying_rides_out_a_locked_database(monkeypatch):
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert tracking._retrying(locked_twice) == "ok" and len(calls) == 3
+    with pytest.raises(RuntimeError):
+        tracking._retrying(lambda: (_ for _ in ()).throw(RuntimeError("still locked")), attempts=2)

@@ -103,7 +103,7 @@ def test_benchmark_uses_the_trained_settings_and_refuses_another_k():
     assert {r.data.tags["H"] for r in benchmarked} == {"2"}
     refused = cli("mode=benchmark", "optimizer=lagg_a", "num_grads=16", f"checkpoint={exported}", *TINY_BENCH,
                   check=False)
-    assert refused.returncode == 1
+    assert refused.returncode == 2  # refused before any compute
     assert "trained for K=8" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -147,7 +147,7 @@ def test_import_legacy_then_benchmark():
     assert "lopt_a" in bench.stdout
     refused = cli("mode=import_legacy", f"legacy_path={FIXTURE}", "optimizer=lagg_a", "num_grads=8",
                   "output_path=x.npz", check=False)
-    assert refused.returncode == 1 and "width 39" in refused.stderr
+    assert refused.returncode == 2 and "width 39" in refused.stderr
 
 
 def test_regular_install_runs_from_another_directory(tmp_path):
@@ -191,8 +191,9 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
     """All pretrain_<name> recipes in one sweep, with tiny budgets; each export records its recipe."""
     recipes = _recipes("pretrain_")
     assert len(recipes) >= 4
-    meta = [a for a in TINY_META if not a.startswith("num_outer_steps")]
-    cli("--multirun", f"experiment={','.join(recipes)}", "optimizer=lagg_a", *meta, "num_outer_steps=2")
+    # tiny budgets, but each recipe's own episode lengths (they tell some recipes apart)
+    cli("--multirun", f"experiment={','.join(recipes)}", "optimizer=lagg_a", "num_tasks=2", "trunc_length=3",
+        "num_outer_steps=2", "save_iter=2", "schedule=constant")
     exported = {}
     for path in Path("outputs/multirun").rglob("meta_params.npz"):
         from lagg_pipeline.checkpoint import load_params
@@ -204,7 +205,7 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
         name = recipe[len("pretrain_"):]
         assert metadata["task"] == ("mnist1d_mlp" if name.startswith("mnist1d") else "digits_mlp")
         assert f"_h{metadata['num_local_steps']}" in name and metadata["num_grads"] == 8
-        assert metadata["meta_loss_split"] == ("outer_valid" if name.endswith("_ov") else "train")
+        assert metadata["meta_loss_split"] == ("outer_valid" if "_ov" in name else "train")
         assert metadata["outer_steps"] == 2 and metadata["meta_train_seconds"] > 0
 
 
@@ -241,3 +242,65 @@ def test_shipped_aggregator_benchmarks_under_its_own_name():
     assert methods == {f"{variant}@{name}", "fedavg"}
     listing = cli("pretrained=list").stdout
     assert f"pretrained={name}" in listing and "re-create: python -m lagg_pipeline experiment=pretrain_" in listing
+
+
+def test_sigterm_exits_cleanly_with_a_resumable_killed_run():
+    args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=40", "save_iter=3",
+            "progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "lagg_pipeline", *args, "checkpoint_dir=termed"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not list(Path("termed").rglob("ckpt_00000003.npz")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 143, stderr
+    ours = [line for line in stderr.splitlines() if line.startswith("lagg_pipeline:")]  # MLflow logs its own
+    assert len(ours) == 1 and "Traceback" not in stderr and "continue with resume=true" in ours[0]
+    (run,) = mlflow_runs()
+    assert run.info.status == "KILLED"
+    out = cli(*args, "checkpoint_dir=termed", "resume=true")
+    assert "resuming" in out.stdout
+    cli(*args, "checkpoint_dir=straight")
+    (termed,) = [p for p in Path("termed").iterdir() if p.is_dir()]
+    (straight,) = [p for p in Path("straight").iterdir() if p.is_dir()]
+    a, b = np.load(straight / "meta_params.npz"), np.load(termed / "meta_params.npz")
+    for name in a.files:
+        if name != "__metadata__":
+            np.testing.assert_array_equal(a[name], b[name])
+    statuses = sorted(r.info.status for r in mlflow_runs())
+    assert statuses == ["FINISHED", "FINISHED"]  # the killed run was resumed and finished
+
+
+def test_parallel_sweep_over_benchmark_keys_meta_trains_once():
+    cli("--multirun", "launcher=joblib", "optimizer=lopt_a", *TINY_META, "checkpoint_dir=ck",
+              "num_runs=2", "num_rounds=10,20", "eval_every=10", "progress=false")
+    (folder,) = [p for p in Path("ck").iterdir() if p.is_dir()]  # nothing moved aside
+    assert sorted(p.name for p in folder.glob("ckpt_*.npz")) == ["ckpt_00000002.npz", "ckpt_00000004.npz"]
+    learned = [r for r in mlflow_runs() if r.data.tags.get("optimizer") == "lopt_a"]
+    reused = [r for r in learned if "reused_meta_training" in r.data.tags]
+    assert len(learned) == 2 and len(reused) == 1
+    trained = next(r for r in learned if r not in reused)
+    assert reused[0].data.tags["reused_meta_training"] == trained.info.run_id
+    assert "meta_loss" in trained.data.metrics and "meta_loss" not in reused[0].data.metrics
+
+
+def test_submitit_local_launcher_runs_each_job_in_its_own_process():
+    cli("--multirun", "launcher=submitit_local", "optimizer=fedavg,fedadam", *TINY_BENCH)
+    children = [r for r in mlflow_runs() if r.data.tags.get("mlflow.parentRunId")]
+    assert sorted(r.data.tags["optimizer"] for r in children) == ["fedadam", "fedavg"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert list(Path("outputs/multirun").rglob(".submitit"))  # submitit's own job folders
+
+
+def test_four_parallel_jobs_share_one_sqlite_store_without_losing_anything():
+    cli("--multirun", "launcher=joblib", "hydra.launcher.n_jobs=4", "optimizer=fedavg,fedadam,sgd,adam",
+        *TINY_BENCH)
+    from mlflow.tracking import MlflowClient
+
+    children = [r for r in mlflow_runs() if r.data.tags.get("mlflow.parentRunId")]
+    assert sorted(r.data.tags["optimizer"] for r in children) == ["adam", "fedadam", "fedavg", "sgd"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    for run in children:
+        steps = sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss"))
+        assert steps == list(range(1, 21)), run.data.tags["optimizer"]

@@ -104,3 +104,92 @@ def test_resumed_run_logs_each_outer_step_once(tmp_path, monkeypatch):
                       logged_through=max(run.steps["meta_loss"]))
     assert run.steps["meta_loss"] == list(range(1, 8))
     assert run.steps["seconds_per_outer_step"] == list(range(1, 8))
+
+
+def test_sigterm_checkpoints_the_finished_step_and_resume_equals_uninterrupted(tmp_path):
+    import os
+    import signal
+
+    from lagg_pipeline.meta.train import Preempted
+
+    cfg = tiny_cfg(optimizer="lopt_a", num_outer_steps=6, save_iter=4, trunc_length=4)
+    straight, _ = run_meta_training(make_trainer(cfg), CheckpointManager(tmp_path / "a"), NullRun(),
+                                    metadata={}, progress=False)
+    trainer = make_trainer(cfg)
+    step, calls = trainer.step, []
+
+    def terminated_during_step_3(state):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends before preemption
+        return step(state)
+
+    trainer.step = terminated_during_step_3
+    manager = CheckpointManager(tmp_path / "b")
+    with pytest.raises(Preempted, match="SIGTERM at outer step 3"):
+        run_meta_training(trainer, manager, NullRun(), metadata={}, progress=False)
+    assert manager.latest_step() == 3  # the step in flight finished and was saved, off the save_iter grid
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    fresh = make_trainer(cfg)
+    state, _ = manager.restore(fresh.init())
+    resumed, _ = run_meta_training(fresh, manager, NullRun(), metadata={}, state=state, progress=False)
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_falls_back_past_truncated_and_garbled_checkpoints(tmp_path):
+    from lagg_pipeline.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(num_outer_steps=4, save_iter=1, trunc_length=2)
+    manager = CheckpointManager(tmp_path)
+    run_meta_training(make_trainer(cfg), manager, NullRun(), metadata={}, progress=False)
+    template = make_trainer(cfg).init()
+    newest = manager.path(4).read_bytes()
+    manager.path(4).write_bytes(newest[: len(newest) // 2])  # truncated mid-write by a crash
+    manager.path(3).write_bytes(b"garbage" * 100)
+    state, _, step, problems = manager.restore_newest_valid(template)
+    assert step == 2 and int(state.outer_step) == 2
+    assert len(problems) == 2 and "ckpt_00000004.npz" in problems[0] and "ckpt_00000003.npz" in problems[1]
+    for older in (1, 2):
+        manager.path(older).write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        manager.restore_newest_valid(template)
+
+
+def test_diverging_inner_training_gives_a_finite_ceiling_loss_and_stops_the_run(tmp_path):
+    from lagg_pipeline.meta.train import MetaTrainingDiverged
+
+    cfg = tiny_cfg(num_outer_steps=3, save_iter=1, trunc_length=3, local_learning_rate=1e8)
+    trainer = make_trainer(cfg)
+    _, metrics = trainer.step(trainer.init())
+    assert np.isfinite(float(metrics["meta_loss"]))
+    np.testing.assert_allclose(float(metrics["meta_loss"]), 1.5 * np.log(3), rtol=1e-6)  # the ceiling
+    manager = CheckpointManager(tmp_path)
+    with pytest.raises(MetaTrainingDiverged, match="every particle's inner training diverged at outer step 1"):
+        run_meta_training(make_trainer(cfg), manager, NullRun(), metadata={}, progress=False)
+    assert manager.latest_step() is None
+
+
+def test_non_finite_meta_parameters_stop_before_the_bad_state_is_saved(tmp_path):
+    from lagg_pipeline.meta.train import MetaTrainingDiverged
+
+    cfg = tiny_cfg(num_outer_steps=4, save_iter=1, trunc_length=2)
+    trainer = make_trainer(cfg)
+    step = trainer.step
+
+    def poisoned_after_step_2(state):
+        state, metrics = step(state)
+        if int(state.outer_step) == 3:
+            state = state._replace(meta_params=jax.tree.map(lambda p: p * np.nan, state.meta_params))
+            metrics = {**metrics, "meta_params_finite": False}
+        return state, metrics
+
+    state = trainer.init()
+    assert bool(step(state)[1]["meta_params_finite"])
+    nan_state = state._replace(meta_params=jax.tree.map(lambda p: p * np.nan, state.meta_params))
+    assert not bool(step(nan_state)[1]["meta_params_finite"])  # the jitted check itself
+    trainer.step = poisoned_after_step_2
+    manager = CheckpointManager(tmp_path)
+    with pytest.raises(MetaTrainingDiverged, match="non-finite at outer step 3; the last good checkpoint is .*ckpt_00000002"):
+        run_meta_training(trainer, manager, NullRun(), metadata={}, progress=False)
+    assert manager.latest_step() == 2

@@ -66,15 +66,17 @@ class PES:
     def __init__(self, task, aggregator, *, num_tasks: int, trunc_length: int,
                  pes_std: float, min_length: int, max_length: int, num_grads: int,
                  num_local_steps: int, local_batch_size: int, local_learning_rate: float,
-                 meta_loss_split: str = "train"):
+                 meta_loss_split: str = "train", particle_sharding=None):
         if meta_loss_split not in META_LOSS_SPLITS:
             raise ValueError(f"meta_loss_split={meta_loss_split}; choose one of: {', '.join(META_LOSS_SPLITS)}")
         self.task, self.aggregator, self.meta_loss_split = task, aggregator, meta_loss_split
+        self.particle_sharding = particle_sharding  # lagg_pipeline.meta.devices; None on one device
         self.num_tasks, self.trunc_length, self.std = num_tasks, trunc_length, pes_std
         self.min_length, self.max_length = min_length, max_length
         self.round_args = dict(num_grads=num_grads, num_local_steps=num_local_steps,
                                local_batch_size=local_batch_size, local_learning_rate=local_learning_rate)
         self.round_size = round_size(num_grads, num_local_steps, local_batch_size)
+        self.loss_ceiling = float(normalize_meta_loss(jnp.inf, task.num_classes))
 
     def _round(self, meta_params, state: RoundState, data: PESData):
         """One round of one member: (next state, its un-normalised meta-loss)."""
@@ -106,8 +108,15 @@ class PES:
         accumulator = jax.tree.map(lambda p: jnp.zeros((self.num_tasks, *p.shape), p.dtype), meta_params)
         return PESState(_stack_pair(fresh), episode, accumulator, k_next)
 
+    def _shard(self, tree_2N):
+        """Pin the member axis of every leaf to the particle devices (no-op on one device)."""
+        if self.particle_sharding is None:
+            return tree_2N
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.particle_sharding), tree_2N)
+
     def unroll(self, meta_params_2N, state: PESState, data: PESData) -> tuple[PESState, Truncation]:
         """T rounds of all 2N members; finished episodes are reset in place."""
+        meta_params_2N = self._shard(meta_params_2N)
 
         def reset(trained, is_reset_N, k_reset):
             fresh_N = jax.vmap(self._fresh)(jax.tree.map(lambda x: x[:self.num_tasks], meta_params_2N),
@@ -120,13 +129,14 @@ class PES:
             episode, is_reset_N = advance(episode, k_length, self.min_length, self.max_length)
             trained, loss_2N = jax.vmap(self._round, in_axes=(0, 0, None))(meta_params_2N, rounds, data)
             # Most rounds reset no particle: skip building fresh ones then (a real branch in a scan).
-            rounds = jax.lax.cond(jnp.any(is_reset_N), reset, lambda t, *_: t, trained, is_reset_N, k_reset)
+            rounds = self._shard(jax.lax.cond(jnp.any(is_reset_N), reset, lambda t, *_: t, trained, is_reset_N,
+                                              k_reset))
             loss_2N = normalize_meta_loss(loss_2N, self.task.num_classes)
             return (rounds, episode, key), (loss_2N, 1.0 - is_reset_N, is_reset_N,
                                                  trained.server_state.mean_abs_step)
 
         (rounds, episode, key), (loss, mask, is_reset, step_size) = jax.lax.scan(
-            body, (state.rounds, state.episode, state.key), None, length=self.trunc_length)
+            body, (self._shard(state.rounds), state.episode, state.key), None, length=self.trunc_length)
         finished = jnp.cumsum(is_reset, axis=0) > 0
         return state._replace(rounds=rounds, episode=episode, key=key), Truncation(loss, mask, finished, step_size)
 
@@ -159,5 +169,8 @@ class PES:
             "meta_loss": jnp.sum(0.5 * (loss_pos + loss_neg) * out.mask) / jnp.sum(out.mask),
             "aggregator_step_size": jnp.mean(out.step_size),
             "episode_resets": jnp.sum(1.0 - out.mask),
+            # members whose every scored round hit the loss ceiling (NaN/inf count as the ceiling)
+            "diverged_fraction": jnp.mean(jnp.all((out.loss >= self.loss_ceiling)
+                                                  | (jnp.concatenate([out.mask, out.mask], axis=1) == 0), axis=0)),
         }
         return grad, state, metrics

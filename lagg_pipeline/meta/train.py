@@ -5,6 +5,9 @@ arrays, saved whole every ``save_iter`` steps, so a resumed run continues bit fo
 """
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -15,9 +18,34 @@ import optax
 from tqdm.auto import tqdm
 
 from lagg_pipeline.checkpoint import CheckpointManager
+from lagg_pipeline.meta.devices import particle_devices, particle_sharding
 from lagg_pipeline.meta.pes import PES, PESData, PESState
 
 _LOG_EVERY = 10  # outer steps per MLflow batch: logging must not dominate
+
+
+class MetaTrainingDiverged(RuntimeError):
+    """Meta-parameters became non-finite, or every particle diverged: the run stops before
+    saving the bad state, so the last checkpoint is the last good one."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived (SLURM and submitit send it before preemption): a checkpoint of the
+    last finished outer step was written, so ``resume=true`` continues from there."""
+
+
+@contextlib.contextmanager
+def _sigterm_requested():
+    """A flag set by SIGTERM for the duration of the block (main thread only)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class MetaTrainState(NamedTuple):
@@ -56,7 +84,8 @@ class MetaTrainer:
                        pes_std=cfg.pes_std, min_length=cfg.truncation_schedule_min_length,
                        max_length=cfg.num_inner_steps, num_grads=cfg.num_grads,
                        num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
-                       local_learning_rate=cfg.local_learning_rate, meta_loss_split=cfg.meta_loss_split)
+                       local_learning_rate=cfg.local_learning_rate, meta_loss_split=cfg.meta_loss_split,
+                       particle_sharding=particle_sharding(particle_devices(cfg.pes_devices, 2 * cfg.num_tasks)))
         self.jitted_step = jax.jit(self._step)
 
     def step(self, state: MetaTrainState):
@@ -75,9 +104,21 @@ class MetaTrainer:
         grad, pes_state, metrics = self.pes.estimate(state.meta_params, state.pes, k_est, data)
         updates, opt_state = self.optimizer.update(grad, state.opt_state, state.meta_params)
         meta_params = optax.apply_updates(state.meta_params, updates)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(meta_params)]))
         metrics = {**metrics, "meta_grad_norm": optax.global_norm(grad),
-                   "meta_learning_rate": self.schedule(state.outer_step)}
+                   "meta_learning_rate": self.schedule(state.outer_step), "meta_params_finite": finite}
         return MetaTrainState(meta_params, opt_state, pes_state, key, state.outer_step + 1), metrics
+
+
+def _check_health(metrics: dict, outer_step: int, checkpoints: CheckpointManager) -> None:
+    last = checkpoints.latest_path()
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    if not metrics.pop("meta_params_finite"):
+        raise MetaTrainingDiverged(f"meta-parameters became non-finite at outer step {outer_step}; {keep}; "
+                                   f"lower the meta-learning rate (schedule.peak_value) or pes_std")
+    if metrics["diverged_fraction"] == 1.0:
+        raise MetaTrainingDiverged(f"every particle's inner training diverged at outer step {outer_step}; {keep}; "
+                                   f"lower local_learning_rate")
 
 
 def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run, *, metadata: dict,
@@ -97,24 +138,28 @@ def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run,
         pending.clear()
 
     with tqdm(total=cfg.num_outer_steps, initial=start, desc="meta-train", unit="outer step",
-              disable=not progress) as bar:
+              disable=not progress) as bar, _sigterm_requested() as sigterm:
         for outer_step in range(start + 1, cfg.num_outer_steps + 1):
             t0 = time.perf_counter()
             state, metrics = trainer.step(state)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             metrics["seconds_per_outer_step"] = time.perf_counter() - t0
+            _check_health(metrics, outer_step, checkpoints)
             history.append(metrics["meta_loss"])
             if outer_step > logged_through:
                 for name, value in metrics.items():
                     steps, values = pending.setdefault(name, ([], []))
                     steps.append(outer_step)
                     values.append(value)
+            bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", refresh=False)  # shown by update()
             bar.update(1)
-            bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
-            if outer_step % cfg.save_iter == 0 or outer_step == cfg.num_outer_steps:
+            if outer_step % cfg.save_iter == 0 or outer_step == cfg.num_outer_steps or sigterm.is_set():
                 path = checkpoints.save(outer_step, state, metadata)
                 flush()  # MLflow then holds every step a resume will not redo
                 run.log_artifact(path, "checkpoints")
+                if sigterm.is_set() and outer_step < cfg.num_outer_steps:
+                    raise Preempted(f"SIGTERM at outer step {outer_step}: checkpoint {path} written; "
+                                    f"continue with resume=true")
             elif outer_step % _LOG_EVERY == 0:
                 flush()
     flush()

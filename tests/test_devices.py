@@ -1,0 +1,60 @@
+"""PES particles spread over several devices give the single-device meta-gradient.
+
+Each case runs in a fresh interpreter, since XLA's host device count is fixed at start-up.
+"""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+    from lagg_pipeline.meta.devices import particle_sharding
+    from lagg_pipeline.meta.pes import PES
+    from test_pes import DATA, linear_task
+
+    assert jax.local_device_count() == {devices}
+    aggregator = LearnedAggregator("lagg_a", num_grads=2, hidden_size=8)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+
+    def gradient(sharding):
+        pes = PES(linear_task(), aggregator, num_tasks=4, trunc_length=6, pes_std=0.01, min_length=3,
+                  max_length=8, num_grads=2, num_local_steps=2, local_batch_size=8, local_learning_rate=0.3,
+                  particle_sharding=sharding)
+        state = pes.init(theta, jax.random.PRNGKey(1))
+        estimate = jax.jit(pes.estimate)
+        for k in range(2):  # two truncations, with resets (episodes of 3..8 rounds)
+            grad, state, metrics = estimate(theta, state, jax.random.PRNGKey(2 + k), DATA)
+        return grad, state, metrics
+
+    single = gradient(None)
+    shared = gradient(particle_sharding({devices}))
+    assert float(single[2]["episode_resets"]) > 0
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(shared)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    leaf = jax.tree.leaves(shared[1].rounds.params)[0]
+    assert len(leaf.sharding.device_set) == {devices}, leaf.sharding
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_sharded_pes_equals_single_device(devices, tmp_path):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}
+    import os
+
+    result = subprocess.run([sys.executable, "-c", SCRIPT.format(devices=devices)], capture_output=True,
+                            text=True, env={**os.environ, **env}, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_particle_devices_choice():
+    from lagg_pipeline.meta.devices import particle_devices
+
+    assert particle_devices(None, 16) == 1  # this process has one CPU device
+    assert particle_devices(1, 16) == 1
+    with pytest.raises(ValueError, match="pes_devices=3 is not allowed"):
+        particle_devices(3, 16)
