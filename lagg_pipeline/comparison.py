@@ -161,29 +161,35 @@ def verdict(numbers: dict, rounds: int) -> list[str]:
 
 
 def plot_group(curves: list[Curves], title: str, path: Path) -> Path:
-    """Train loss (log, floored) and test accuracy against rounds: mean ± std bands per method."""
+    """Train loss (log, floored), test accuracy and outer-valid loss against rounds: mean ± std
+    bands per method; learned aggregators solid, baselines dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     for c in curves:
         style = "-" if c.optimizer not in HAND_OPTIMIZERS else "--"
         rounds = np.arange(1, c.train_loss.shape[1] + 1)
-        mean, std = c.train_loss.mean(0), c.train_loss.std(0)
-        line, = ax_loss.plot(rounds, floored(mean), style, label=c.method, lw=1.4)
-        ax_loss.fill_between(rounds, floored(mean - std), floored(mean + std), alpha=0.15, color=line.get_color())
-        acc_mean, acc_std = c.test_accuracy.mean(0), c.test_accuracy.std(0)
-        ax_acc.plot(c.eval_rounds, acc_mean, style, color=line.get_color(), lw=1.4)
-        ax_acc.fill_between(c.eval_rounds, acc_mean - acc_std, acc_mean + acc_std, alpha=0.15, color=line.get_color())
-    ax_loss.set(yscale="log", xlabel="communication rounds", title=f"train loss (clipped at {LOSS_FLOOR:g})")
-    ax_acc.set(xlabel="communication rounds", title="test accuracy")
-    for ax in (ax_loss, ax_acc):
+        color = None
+        for ax, x, y, log in ((axes[0], rounds, c.train_loss, True), (axes[1], c.eval_rounds, c.test_accuracy, False),
+                              (axes[2], c.eval_rounds, c.outer_valid_loss, True)):
+            mean, std = y.mean(0), y.std(0)
+            low, high = (floored(mean - std), floored(mean + std)) if log else (mean - std, mean + std)
+            line, = ax.plot(x, floored(mean) if log else mean, style, color=color, lw=1.4,
+                            label=c.method if ax is axes[0] else None)
+            color = line.get_color()
+            ax.fill_between(x, low, high, alpha=0.15, color=color)
+    axes[0].set(yscale="log", title=f"train loss (clipped at {LOSS_FLOOR:g})")
+    axes[1].set(title="test accuracy")
+    axes[2].set(yscale="log", title="outer-valid (held-out) loss")
+    for ax in axes:
+        ax.set_xlabel("communication rounds")
         ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
+    fig.legend(loc="center right", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
