@@ -47,10 +47,10 @@ bench: install ## the speed yardstick: rounds, PES steps, compile, memory, % of 
 	$(PY) -m lagg_pipeline.bench $(ARGS)
 
 # Baselines tuned on the outer-valid loss (never the test split), per task and H; then the
-# best grid points are written to conf/tuned/<task>/<optimizer>.yaml.
+# best grid points are written to conf/tuned_hparams/<task>/<optimizer>.yaml.
 BASELINES    := fedavg slowmo fedavgm diloco fedadam fedyogi sgd adam
 TUNE_TASKS   ?= digits_mlp mnist1d_mlp
-tune: install ## grid-search every baseline (MLflow experiment "tuning"), write conf/tuned/
+tune: install ## grid-search every baseline (MLflow experiment "tuning"), write conf/tuned_hparams/
 	for task in $(TUNE_TASKS); do for opt in $(BASELINES); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=$$task H=4,8 || exit 1; done; done
 	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist5k_mlp H=4  # the unseen task's reference

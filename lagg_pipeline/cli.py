@@ -43,8 +43,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def config_groups() -> dict[str, list[str]]:
     """Each config group under conf/ and its options (file stems)."""
     root = resources.files(CONFIG_MODULE)
-    return {d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
-            for d in root.iterdir() if d.is_dir() and not d.name.startswith("_")}
+    groups = {d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
+              for d in root.iterdir() if d.is_dir() and not d.name.startswith("_")}
+    return {name: options for name, options in groups.items() if options}  # tuned_hparams/ holds data, not options
 
 
 def quote_numeric_choices(overrides: list[str], groups: dict[str, list[str]]) -> list[str]:

@@ -76,7 +76,7 @@ class Config:
     num_rounds: int = 300
     eval_every: int = 25
     seed: int = 0
-    tuned: bool = True  # apply conf/tuned/<task>/<optimizer>.yaml (keys set on the command line win)
+    tuned: bool = True  # apply conf/tuned_hparams/<task>/<optimizer>.yaml (keys set on the command line win)
     data_dir: Optional[str] = None
     progress: bool = True
     # Learned aggregators and meta-training (SPEC 3-4).
@@ -101,7 +101,7 @@ class Config:
     # mode=report / mode=select_tuned
     report_dir: Optional[str] = None  # also write the report here (e.g. docs/results)
     readme: Optional[str] = None  # splice the report's tables into this file's Results markers
-    tuned_dir: Optional[str] = None  # where tuned values are read and written; default: conf/tuned
+    tuned_dir: Optional[str] = None  # where tuned values are read and written; default: conf/tuned_hparams
 
 
 def register() -> None:

@@ -512,7 +512,7 @@ def with_tuned_values(cfg):
     cfg, applied = tuning.apply(cfg, command_line_keys(), root=Path(cfg.tuned_dir) if cfg.tuned_dir else None)
     if applied:
         print(f"{cfg.optimizer.name}: tuned values for {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads} "
-              f"(conf/tuned; tuned=false turns them off): " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+              f"(conf/tuned_hparams; tuned=false turns them off): " + ", ".join(f"{k}={v}" for k, v in applied.items()))
     return cfg
 
 

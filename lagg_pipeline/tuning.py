@@ -4,7 +4,7 @@ A grid recipe (``conf/hparams_search/<optimizer>.yaml``) sweeps a method's keys 
 MLflow experiment ``tuning``. :func:`select` picks, per (task, optimizer, H, K), the grid
 point with the lowest outer-valid loss at the last round (mean over seeds; the test split
 is never read) and writes it with the sweep that chose it to
-``conf/tuned/<task>/<optimizer>.yaml``. Jobs then apply those values (``tuned=true``, the
+``conf/tuned_hparams/<task>/<optimizer>.yaml``. Jobs then apply those values (``tuned=true``, the
 default) unless the command line sets the key.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-TUNED_ROOT = "tuned"  # under the config package
+TUNED_ROOT = "tuned_hparams"  # under the config package (not "tuned": that is a config key)
 SELECTION_METRIC = "final_outer_valid_loss"
 
 
@@ -32,7 +32,7 @@ def grid_keys(optimizer: str) -> list[str]:
 
 
 def tuned_root() -> Path:
-    """conf/tuned inside the config package (the repository's conf/ in an editable install)."""
+    """conf/tuned_hparams inside the config package (the repository's conf/ in an editable install)."""
     return Path(str(resources.files("lagg_pipeline.conf"))) / TUNED_ROOT
 
 

@@ -35,6 +35,12 @@ def test_shorthand_groups_set_h_and_k():
     assert composed("H=8", "num_local_steps=2").num_local_steps == 2  # a plain key wins
 
 
+def test_tuned_is_a_key_not_a_group():
+    assert "tuned_hparams" not in cli.config_groups() and "tuned" not in cli.config_groups()
+    assert composed("optimizer=fedavg", "tuned=false").tuned is False
+    assert composed("optimizer=fedavg").tuned is True
+
+
 def test_optimizer_arguments_follow_top_level_keys():
     cfg = composed("optimizer=slowmo", "beta=0.5", "local_learning_rate=0.3")
     assert (cfg.optimizer.beta, cfg.optimizer.local_learning_rate) == (0.5, 0.3)

@@ -221,7 +221,7 @@ def test_tune_select_apply_and_report(tmp_path):
                               "num_runs=1 eval_every=5"]
     best = entry["values"]["local_learning_rate"]
     out = cli("optimizer=fedavg", "tuned_dir=tuned", "tracking.experiment=results", *TINY_BENCH)
-    assert f"tuned values for digits_mlp H=4 K=8 (conf/tuned; tuned=false turns them off): " \
+    assert f"tuned values for digits_mlp H=4 K=8 (conf/tuned_hparams; tuned=false turns them off): " \
            f"local_learning_rate={best}" in out.stdout
     cli("optimizer=fedadam", "tuned_dir=tuned", "tracking.experiment=results", *TINY_BENCH)
     Path("README.md").write_text("# x\n<!-- results:begin -->\n<!-- results:end -->\n")
