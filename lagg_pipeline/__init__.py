@@ -6,3 +6,10 @@ hand-designed ones, every run recorded in MLflow.
 """
 
 __version__ = "0.1.0"
+
+
+def outer_optimizer(*args, **kwargs):
+    """A shipped learned aggregator as an optax outer optimizer (see ``lagg_pipeline.outer``)."""
+    from lagg_pipeline.outer import outer_optimizer as make
+
+    return make(*args, **kwargs)

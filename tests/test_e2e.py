@@ -304,3 +304,10 @@ def test_four_parallel_jobs_share_one_sqlite_store_without_losing_anything():
     for run in children:
         steps = sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss"))
         assert steps == list(range(1, 21)), run.data.tags["optimizer"]
+
+
+def test_outer_optimizer_example_runs():
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "outer_optimizer.py")], capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "DiLoCo outer step" in out.stdout and "shipped LAgg-A" in out.stdout
