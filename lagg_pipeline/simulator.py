@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from lagg_pipeline.aggregators.base import GRADIENT, LOCAL_SGD
 from lagg_pipeline.data import sample_batch
+from lagg_pipeline.data.sampler import next_counter
 
 LossFn = Callable  # (params, x, y) -> scalar
 
@@ -76,7 +77,8 @@ def make_round_step(task, server_update, *, num_grads: int, num_local_steps: int
         x, y = reshape_round_batch(x_N, y_N, num_grads, num_local_steps)
         deltas_K, train_loss = client_round(state.params, x, y)
         params, server_state = server_update.update(deltas_K, state.server_state, state.params)
-        return RoundState(params, server_state, state.data_key, state.data_counter + count), train_loss
+        counter = next_counter(state.data_counter, count, train_split.y.shape[0])
+        return RoundState(params, server_state, state.data_key, counter), train_loss
 
     return step
 

@@ -469,3 +469,18 @@ def test_public_dataset_prepared_as_tfrecord_needs_tensorflow(tmp_path, monkeypa
     with pytest.raises(DataUnavailableError, match="TFDS_DATA_DIR"):
         load_splits("fashion_mnist", data_dir=str(tmp_path))
     assert attempts == []
+
+
+def test_stream_position_wraps_at_whole_epochs_instead_of_overflowing():
+    from lagg_pipeline.data.sampler import next_counter
+
+    n, count = 48_000, 32 * 32 * 128  # K = H = 32, B = 128: int32 would overflow after ~16k rounds
+    period = (2 ** 31 - 1) // n * n
+    assert int(next_counter(jnp.int32(10), count, n)) == 10 + count
+    c = jnp.int32(period - 5)
+    wrapped = int(next_counter(c, count, n))
+    assert wrapped == count - 5 and wrapped % n == (period - 5 + count) % n  # same place in the epoch
+    position = jnp.int32(0)
+    for _ in range(3):  # far past 2^31 examples in total, never negative
+        position = next_counter(position, 2 ** 30, n)
+        assert 0 <= int(position) < period

@@ -68,6 +68,15 @@ def stream_indices(key: jax.Array, counter: jax.Array, count: int, n: int) -> ja
     return permute(position, epoch_round_keys(key, epoch), n).astype(jnp.int32)
 
 
+def next_counter(counter: jax.Array, count: int, n: int) -> jax.Array:
+    """The stream position after ``count`` more examples, kept in int32 range: positions wrap at
+    a whole number of epochs (the largest multiple of n below 2^31), so the stream stays a
+    sequence of complete permutations however long a run is (epoch keys repeat after ~2^31/n
+    epochs, instead of the counter overflowing)."""
+    period = (2 ** 31 - 1) // n * n
+    return ((jnp.asarray(counter).astype(jnp.uint32) + jnp.uint32(count)) % jnp.uint32(period)).astype(jnp.int32)
+
+
 def sample_batch(split: Split, key: jax.Array, counter: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
     """Examples counter .. counter + count - 1 of the stream: (x [count, ...], y [count]).
 
