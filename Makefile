@@ -68,7 +68,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp pretrained=mnist1d_k8_h4_ov $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist5k_mlp H=4 $(RESULTS_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(RESULTS_ARGS) \
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(RESULTS_ARGS) with_fedavg=false \
 		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,mnist1d_k8_h4_ov
 	$(MAKE) report
 

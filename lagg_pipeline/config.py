@@ -76,6 +76,7 @@ class Config:
     num_rounds: int = 300
     eval_every: int = 25
     seed: int = 0
+    with_fedavg: bool = True  # benchmark (tuned) FedAvg beside a learned optimizer
     tuned: bool = True  # apply conf/tuned_hparams/<task>/<optimizer>.yaml (keys set on the command line win)
     data_dir: Optional[str] = None
     progress: bool = True

@@ -490,11 +490,12 @@ def run_job(cfg):
             shipped_cfg = adopt_training_settings(shipped_cfg, metadata)
             results.append(benchmark(shipped_cfg, checked_server_update(aggregator, shipped_params),
                                      f"{name}@{shipped}", splits, task, baseline_for=run.run_id))
-        baseline_cfg = cfg.copy()
-        baseline_cfg.optimizer = OmegaConf.create(FEDAVG)
-        baseline_cfg = with_tuned_values(baseline_cfg)  # FedAvg at its own best gamma: a fair baseline
-        results.append(benchmark(baseline_cfg, hand_server_update(baseline_cfg.optimizer), "fedavg", splits,
-                                 task, baseline_for=run.run_id))
+        if cfg.with_fedavg:
+            baseline_cfg = cfg.copy()
+            baseline_cfg.optimizer = OmegaConf.create(FEDAVG)
+            baseline_cfg = with_tuned_values(baseline_cfg)  # FedAvg at its own best gamma: a fair baseline
+            results.append(benchmark(baseline_cfg, hand_server_update(baseline_cfg.optimizer), "fedavg", splits,
+                                     task, baseline_for=run.run_id))
         final = finish(results, output_dir(), run)
     except BaseException as err:
         run.end(end_status(err))

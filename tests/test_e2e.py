@@ -240,6 +240,8 @@ def test_shipped_aggregator_benchmarks_under_its_own_name():
     assert f"{variant}@{name}" in out.stdout
     methods = {r.data.tags.get("method") for r in mlflow_runs()}
     assert methods == {f"{variant}@{name}", "fedavg"}
+    alone = cli(f"optimizer={variant}", f"pretrained={name}", "with_fedavg=false", *TINY_BENCH)
+    assert "fedavg" not in alone.stdout and len(mlflow_runs()) == 3
     listing = cli("pretrained=list").stdout
     assert f"pretrained={name}" in listing and "re-create: python -m lagg_pipeline experiment=pretrain_" in listing
 
