@@ -313,7 +313,6 @@ def jax_tree(tree):
 def load_meta_params(cfg):
     """(meta_params, metadata) from checkpoint=<file or MLflow artifact URI> or pretrained=<name>."""
     from lagg_pipeline import pretrained
-    from lagg_pipeline.checkpoint import CheckpointError, load_params
 
     location = str(pretrained.path(cfg.optimizer.name, cfg.pretrained)) if cfg.pretrained else cfg.checkpoint
     if location is None:
@@ -327,16 +326,24 @@ def load_meta_params(cfg):
                                                            tracking_uri=tracking.tracking_uri(cfg.tracking.uri))
         except Exception as err:  # MlflowException, OSError: the run, the file or the server is missing
             raise UserError(f"checkpoint={cfg.checkpoint}: cannot download it: {str(err).splitlines()[0]}") from None
+    meta_params, metadata = read_saved(location, cfg.optimizer.name, UserError)
+    return jax_tree(meta_params), metadata
+
+
+def read_saved(location, variant: str, error: type[Exception]):
+    """(meta_params, metadata) of a local meta-parameter file holding ``variant``; ``error``
+    (one line) when it is missing, unreadable or holds another variant."""
+    from lagg_pipeline.checkpoint import CheckpointError, load_params
+
     if not Path(location).is_file():
-        raise UserError(f"checkpoint={location}: no such file")
+        raise error(f"checkpoint={location}: no such file")
     try:
         meta_params, metadata = load_params(location)
     except CheckpointError as err:
-        raise UserError(f"checkpoint={location}: {err}") from None
-    if metadata.get("variant") not in (None, cfg.optimizer.name):
-        raise UserError(f"checkpoint={location} holds {metadata['variant']} meta-parameters, "
-                        f"not optimizer={cfg.optimizer.name}")
-    return jax_tree(meta_params), metadata
+        raise error(f"checkpoint={location}: {err}") from None
+    if metadata.get("variant") not in (None, variant):
+        raise error(f"checkpoint={location} holds {metadata['variant']} meta-parameters, not optimizer={variant}")
+    return meta_params, metadata
 
 
 TRAINED_WITH = ("num_grads", "num_local_steps", "local_learning_rate", "local_batch_size", "hidden_size")
@@ -382,8 +389,6 @@ def check_inputs(cfg, given: set[str]) -> None:
     an unreachable tracking server. ``given``: the keys the command line sets."""
     import os
 
-    from lagg_pipeline.checkpoint import CheckpointError, load_params
-
     name = cfg.optimizer.name
     if cfg.mode == "import_legacy":
         from lagg_pipeline.legacy import LegacyFormatError, read_legacy
@@ -397,14 +402,7 @@ def check_inputs(cfg, given: set[str]) -> None:
         raise ConfigError(f"mode=benchmark optimizer={name} needs checkpoint=<meta_params.npz or MLflow artifact "
                           f"URI> or pretrained=<name>")
     if name in LEARNED_OPTIMIZERS and location and "://" not in location and not location.startswith("runs:/"):
-        if not Path(location).is_file():
-            raise ConfigError(f"checkpoint={location}: no such file")
-        try:
-            meta_params, metadata = load_params(location)
-        except CheckpointError as err:
-            raise ConfigError(f"checkpoint={location}: {err}") from None
-        if metadata.get("variant") not in (None, name):
-            raise ConfigError(f"checkpoint={location} holds {metadata['variant']} meta-parameters, not optimizer={name}")
+        meta_params, metadata = read_saved(location, name, ConfigError)
         from lagg_pipeline.aggregators.learned import LearnedAggregator
 
         setting = {k: cfg[k] if k in given else metadata.get(k, cfg[k]) for k in ("num_grads", "hidden_size")}
