@@ -34,8 +34,8 @@ class OuterInfo(NamedTuple):
 
 
 def load(pretrained: str | None = None, *, path: str | Path | None = None, variant: str = "lagg_a"):
-    """(meta_params, OuterInfo) of a shipped aggregator (``pretrained`` name, with ``variant``)
-    or of a ``meta_params.npz`` file (``path``)."""
+    """(meta_params, OuterInfo, hidden_size) of a shipped aggregator (``pretrained`` name, with
+    ``variant``) or of a ``meta_params.npz`` file (``path``)."""
     from lagg_pipeline.checkpoint import load_params
 
     if (pretrained is None) == (path is None):
