@@ -5,10 +5,10 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast test-slow sweep ui bench tune results report clean
+.PHONY: help install install-dev run test test-fast test-slow sweep ui bench tune results results-federated report clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,17 +59,33 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 # The README's Results: tuned baselines and the shipped aggregators, 5 seeds x 1000 rounds,
 # into the MLflow experiment "results"; then the report rewrites the README section.
 RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
+SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false
 COMMA := ,
 results: install ## benchmark tuned baselines and shipped aggregators, then `make report`
 	for task in digits_mlp mnist1d_mlp; do \
 		$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=$$task H=4,8 \
 			$(RESULTS_ARGS) || exit 1; done
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(RESULTS_ARGS) \
-		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp pretrained=mnist1d_k8_h4_ov $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(SHIPPED_ARGS) \
+		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,digits_k8_h8
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp pretrained=digits_k8_h4 $(SHIPPED_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp pretrained=mnist1d_k8_h4_ov,mnist1d_k8_h4 \
+		$(SHIPPED_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist1d_mlp pretrained=mnist1d_k8_h4 $(SHIPPED_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist5k_mlp H=4 $(RESULTS_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(RESULTS_ARGS) with_fedavg=false \
-		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,mnist1d_k8_h4_ov
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(SHIPPED_ARGS) \
+		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,mnist1d_k8_h4_ov,mnist1d_k8_h4
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist5k_mlp pretrained=digits_k8_h4,mnist1d_k8_h4 \
+		$(SHIPPED_ARGS)
+	$(MAKE) results-federated
+
+# Heterogeneous clients (README "Heterogeneous clients"): MNIST-1D over 64 clients with
+# Dirichlet(0.1) and Dirichlet(1.0) label skew, 8 per round, H=4; baselines at their i.i.d.-tuned values.
+FED_ARGS := task=mnist1d_mlp H=4 partition=dirichlet partition.num_clients=64 partition.alpha=0.1,1.0
+results-federated: install ## the heterogeneous-clients comparison (MNIST-1D, Dirichlet 0.1 and 1.0), then `make report`
+	$(PY) -m lagg_pipeline --multirun optimizer=fedavg,fedavgm,fedadam,diloco $(FED_ARGS) $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a pretrained=mnist1d_k8_h4,mnist1d_k8_h4_dirichlet \
+		$(FED_ARGS) $(SHIPPED_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a pretrained=mnist1d_k8_h4 $(FED_ARGS) $(SHIPPED_ARGS)
 	$(MAKE) report
 
 report: install ## the comparison report of the "results" experiment, spliced into README.md

@@ -85,7 +85,7 @@ def _median_seconds(call, repeats: int) -> float:
 def time_rounds(task, split, update, rounds: int, repeats: int, split_as_constant: bool = False):
     """(seconds per round, compile seconds, memory MiB) of ``rounds`` scanned rounds."""
     step = make_round_step(task, update, num_grads=K, num_local_steps=H, local_batch_size=B, local_learning_rate=LR)
-    state = jax.tree.map(lambda x: x[0], init_round_states(task, update, 0, 1))
+    state = jax.tree.map(lambda x: x[0], init_round_states(task, update, 0, 1, split))
 
     def run(s, data):
         return jax.lax.scan(lambda c, _: step(c, data), s, None, length=rounds)

@@ -9,10 +9,10 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from lagg_pipeline.data.partition import init_counter
 from lagg_pipeline.simulator import RoundState, make_round_step
 
 
@@ -36,14 +36,14 @@ def _evaluate(task, params, test, outer_valid):
     return test_loss, test_accuracy, outer_valid_loss
 
 
-def init_round_states(task, server_update, seed: int, num_runs: int) -> RoundState:
-    """One RoundState per seed, stacked; run i uses keys derived from (seed, i)."""
+def init_round_states(task, server_update, seed: int, num_runs: int, train) -> RoundState:
+    """One RoundState per seed over the ``train`` split, stacked; run i uses keys derived from (seed, i)."""
     keys = jax.random.split(jax.random.PRNGKey(seed), num_runs)
 
     def init(key):
         init_key, data_key = jax.random.split(key)
         params = task.init(init_key)
-        return RoundState(params, server_update.init(params), data_key, jnp.int32(0))
+        return RoundState(params, server_update.init(params), data_key, init_counter(train))
 
     return jax.vmap(init)(keys)
 
@@ -64,7 +64,7 @@ def run_benchmark(task, splits, server_update, *, name: str, num_grads: int, num
 
     evaluate = jax.jit(jax.vmap(lambda p, test, outer_valid: _evaluate(task, p, test, outer_valid),
                                 in_axes=(0, None, None)))
-    states = init_round_states(task, server_update, seed, num_runs)
+    states = init_round_states(task, server_update, seed, num_runs, splits.train)
 
     lengths = [eval_every] * (num_rounds // eval_every)
     if num_rounds % eval_every:

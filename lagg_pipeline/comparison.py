@@ -59,7 +59,7 @@ def _load_curves(client, run, method: str) -> dict[str, np.ndarray]:
 
 
 def collect(client, experiment_name: str) -> dict[tuple, list[Curves]]:
-    """{(task, K, H, rounds): [Curves per method]} from the experiment's finished benchmark runs."""
+    """{(task, K, H, rounds, partition): [Curves per method]} from the experiment's finished benchmark runs."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise LookupError(f"no MLflow experiment named {experiment_name!r}")
@@ -70,7 +70,7 @@ def collect(client, experiment_name: str) -> dict[tuple, list[Curves]]:
         tags, params = run.data.tags, run.data.params
         if "method" not in tags or "num_rounds" not in params:
             continue
-        group = (tags["task"], int(tags["K"]), int(tags["H"]), int(params["num_rounds"]))
+        group = (tags["task"], int(tags["K"]), int(tags["H"]), int(params["num_rounds"]), tags.get("partition", "iid"))
         newest.setdefault((group, tags["method"], int(tags["seed"])), run)  # newest first
     pooled: dict[tuple, dict[str, list]] = {}
     for (group, method, _), run in newest.items():
@@ -196,14 +196,23 @@ def plot_group(curves: list[Curves], title: str, path: Path) -> Path:
     return path
 
 
+def _file_suffix(partition: str) -> str:
+    """"dirichlet(alpha=0.1, M=64)" -> "_dirichlet_alpha0.1_M64"; nothing for iid."""
+    if partition == "iid":
+        return ""
+    return "_" + "_".join("".join(ch for ch in part if ch.isalnum() or ch in ".")
+                          for part in partition.replace("(", " ").split())
+
+
 def markdown(groups: dict[tuple, list[Curves]], out: Path, image_prefix: str = "") -> str:
     """The report's markdown, with one plot per group written into ``out``."""
     parts = []
-    for (task, k, h, rounds), curves in groups.items():
+    for (task, k, h, rounds, partition), curves in groups.items():
         seeds = sorted({c.train_loss.shape[0] for c in curves})
-        title = f"{task}, K={k}, H={h}: {rounds} rounds, {'/'.join(map(str, seeds))} seeds"
+        clients = "" if partition == "iid" else f", clients: {partition}"
+        title = f"{task}, K={k}, H={h}{clients}: {rounds} rounds, {'/'.join(map(str, seeds))} seeds"
         header, table, numbers = rows(curves)
-        image = plot_group(curves, title, out / f"{task}_K{k}_H{h}_R{rounds}.png")
+        image = plot_group(curves, title, out / f"{task}_K{k}_H{h}_R{rounds}{_file_suffix(partition)}.png")
         parts += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                   *("| " + " | ".join(row) + " |" for row in table), "", *verdict(numbers, rounds), "",
                   f"![{title}]({image_prefix}{image.name})", ""]

@@ -17,6 +17,7 @@ HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "feda
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
 MODELS = ("mlp", "conv")
 META_LOSS_SPLITS = ("train", "outer_valid")
+META_INITS = ("random", "averaging")
 SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}  # the H/ and k/ config groups set these keys
 
 
@@ -46,6 +47,26 @@ class ScheduleConfig:
 
 
 @dataclass
+class PartitionConfig:
+    """How the training split is divided among clients (lagg_pipeline/data/partition.py)."""
+
+    name: str = "iid"  # iid (no clients: every worker samples the whole split), dirichlet, shards
+    num_clients: int = 64  # M; each round picks num_grads (K) of them
+    alpha: float = 0.1  # dirichlet: concentration of each client's class proportions
+    shards_per_client: int = 2  # shards: label-sorted shards per client
+    seed: int = 0  # the partition's own seed (the same clients for every run seed)
+
+
+def partition_label(partition) -> str:
+    """A short name of the partition, used in tags, run names and the report."""
+    if partition.name == "dirichlet":
+        return f"dirichlet(alpha={partition.alpha:g}, M={partition.num_clients})"
+    if partition.name == "shards":
+        return f"shards({partition.shards_per_client}/client, M={partition.num_clients})"
+    return "iid"
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; default: sqlite under outputs/
@@ -62,6 +83,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
     # Client simulator (SPEC 1).
     num_grads: int = 8
     num_local_steps: int = 4
@@ -88,6 +110,8 @@ class Config:
     num_inner_steps: int = 1000
     truncation_schedule_min_length: int = 100
     meta_loss_split: str = "train"  # or outer_valid: meta-train on held-out loss (SPEC 4)
+    meta_init: str = "random"  # SPEC 3.3's random network, or "averaging": start as normalised worker averaging
+    meta_init_scale: float = 10.0  # meta_init=averaging: the first steps' size, in units of STEP_MULT per element
     num_outer_steps: int = 200
     pes_devices: Optional[int] = None  # local devices the PES particles are spread over (None: all that fit)
     weight_decay: float = 1e-4
@@ -107,6 +131,29 @@ class Config:
 
 def register() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _validate_partition(cfg) -> None:
+    from lagg_pipeline.data import DATASETS, split_sizes
+    from lagg_pipeline.data.partition import PARTITIONS
+
+    part = cfg.partition
+    _require(part.name in PARTITIONS,
+             f"partition={part.name} is not allowed; choose one of: {', '.join(PARTITIONS)}")
+    if part.name == "iid":
+        return
+    _require(part.alpha > 0, f"partition.alpha={part.alpha} is not allowed; it must be > 0")
+    _require(part.shards_per_client >= 1,
+             f"partition.shards_per_client={part.shards_per_client} is not allowed; it must be >= 1")
+    _require(part.num_clients >= cfg.num_grads,
+             f"partition.num_clients={part.num_clients} is not allowed; it must be >= num_grads={cfg.num_grads} "
+             f"(each round picks num_grads distinct clients)")
+    if cfg.task.dataset in DATASETS:
+        n_train = split_sizes(cfg.task.dataset)["train"]
+        per_client = part.shards_per_client if part.name == "shards" else 1
+        _require(part.num_clients * per_client <= n_train,
+                 f"partition.num_clients={part.num_clients} is not allowed with partition={part.name}; "
+                 f"{cfg.task.dataset}'s {n_train} training examples allow at most {n_train // per_client} clients")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -148,11 +195,17 @@ def validate(cfg) -> None:
             raise ConfigError(str(err)) from None
     _require(cfg.meta_loss_split in META_LOSS_SPLITS,
              f"meta_loss_split={cfg.meta_loss_split} is not allowed; choose one of: {', '.join(META_LOSS_SPLITS)}")
+    _require(cfg.meta_init in META_INITS,
+             f"meta_init={cfg.meta_init} is not allowed; choose one of: {', '.join(META_INITS)}")
+    _require(cfg.meta_init_scale > 0, f"meta_init_scale={cfg.meta_init_scale} is not allowed; it must be > 0")
+    _require(cfg.meta_init == "random" or cfg.hidden_size >= 2,
+             f"hidden_size={cfg.hidden_size} is not allowed with meta_init=averaging; it must be >= 2")
     _require(0 <= cfg.beta < 1, f"beta={cfg.beta} is not allowed; it must be in [0, 1)")
     _require(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} is not allowed; it must be >= 0")
     _require(cfg.truncation_schedule_min_length <= cfg.num_inner_steps,
              f"truncation_schedule_min_length={cfg.truncation_schedule_min_length} is not allowed; "
              f"it must be <= num_inner_steps={cfg.num_inner_steps}")
+    _validate_partition(cfg)
     task = cfg.task
     _require(task.dataset in DATASETS,
              f"task.dataset={task.dataset} is not allowed; choose one of: {', '.join(DATASETS)}")

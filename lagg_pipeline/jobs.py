@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from lagg_pipeline import tracking
-from lagg_pipeline.config import LEARNED_OPTIMIZERS, SHORTHANDS, ConfigError, validate
+from lagg_pipeline.config import LEARNED_OPTIMIZERS, SHORTHANDS, ConfigError, partition_label, validate
 
 
 FEDAVG = {"name": "fedavg", "_target_": "lagg_pipeline.aggregators.hand.fedavg"}
@@ -45,10 +45,16 @@ def load_task(cfg):
     from lagg_pipeline.data import DataUnavailableError, load_splits
     from lagg_pipeline.tasks import make_task
 
+    from lagg_pipeline.data.partition import describe, partition_splits
+
     try:
         splits = load_splits(cfg.task.dataset, image_size=cfg.task.image_size, data_dir=cfg.data_dir)
     except DataUnavailableError as err:
         raise UserError(str(err)) from None
+    splits = partition_splits(splits, cfg.partition)
+    if cfg.partition.name != "iid":
+        print(f"partition {partition_label(cfg.partition)}: "
+              + ", ".join(f"{k.removeprefix('partition_')}={v:g}" for k, v in describe(splits.train).items()))
     return splits, make_task(cfg.task, tuple(splits.train.x.shape[1:]), splits.num_classes)
 
 
@@ -66,7 +72,22 @@ def hand_server_update(optimizer_cfg):
 
 def run_tags(cfg, **extra):
     return {"optimizer": cfg.optimizer.name, "task": cfg.task.name, "H": cfg.num_local_steps,
-            "K": cfg.num_grads, "seed": cfg.seed, "mode": cfg.mode, **extra}
+            "K": cfg.num_grads, "seed": cfg.seed, "mode": cfg.mode, "partition": partition_label(cfg.partition),
+            **extra}
+
+
+def run_title(cfg, name: str) -> str:
+    """A run's name: method, task, H, K and (when not i.i.d.) the partition."""
+    where = "" if cfg.partition.name == "iid" else f" {partition_label(cfg.partition)}"
+    return f"{name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}{where}"
+
+
+def log_partition(run, splits) -> None:
+    """The partition's client sizes and label skew, as metrics of the run (nothing for iid)."""
+    from lagg_pipeline.data.partition import ClientSplit, describe
+
+    if isinstance(splits.train, ClientSplit):
+        run.log_metrics({k: ([0], [v]) for k, v in describe(splits.train).items()})
 
 
 def start_job_run(cfg, run_name: str, **extra_tags):
@@ -111,8 +132,9 @@ def benchmark(cfg, server_update, name: str, splits, task, *, run=None, **tags):
 
     out = output_dir()
     own_run = run is None
-    run = run or start_job_run(cfg, f"{name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}", **tags)
+    run = run or start_job_run(cfg, run_title(cfg, name), **tags)
     try:
+        log_partition(run, splits)
         result = run_benchmark(task, splits, server_update, name=name, num_grads=cfg.num_grads,
                                num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
                                local_learning_rate=cfg.local_learning_rate, num_runs=cfg.num_runs,
@@ -164,6 +186,12 @@ def meta_run_name(cfg) -> str:
     what = {k: cfg[k] for k in META_KEYS}
     what.update(optimizer=cfg.optimizer.name, task=OmegaConf.to_container(cfg.task),
                 schedule=OmegaConf.to_container(cfg.schedule))
+    # Settings added later enter the name only when not at their default, so that earlier
+    # meta-trainings keep their names (and resume=true finds them).
+    if cfg.partition.name != "iid":
+        what.update(partition=OmegaConf.to_container(cfg.partition))
+    if cfg.meta_init != "random":
+        what.update(meta_init=cfg.meta_init, meta_init_scale=cfg.meta_init_scale)
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.optimizer.name}_{cfg.task.name}_K{cfg.num_grads}_H{cfg.num_local_steps}_{digest}"
 
@@ -172,7 +200,8 @@ def meta_params_metadata(cfg, **extra) -> dict:
     return {"variant": cfg.optimizer.name, "num_grads": cfg.num_grads, "hidden_size": cfg.hidden_size,
             "num_local_steps": cfg.num_local_steps, "local_learning_rate": cfg.local_learning_rate,
             "local_batch_size": cfg.local_batch_size, "meta_loss_split": cfg.meta_loss_split,
-            "task": cfg.task.name, **extra}
+            "task": cfg.task.name, "partition": partition_label(cfg.partition), "meta_init": cfg.meta_init,
+            **extra}
 
 
 def command_line() -> str:
@@ -248,8 +277,8 @@ def _reuse_from_sweep(cfg, directory: Path, sweep: str):
     if metadata.get("sweep_dir") != sweep or metadata.get("outer_steps") != cfg.num_outer_steps:
         return None
     print(f"reusing this sweep's meta-training {directory.name} ({export})")
-    run = start_job_run(cfg, f"{cfg.optimizer.name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}",
-                        meta_run=directory.name, reused_meta_training=metadata.get("mlflow_run_id"))
+    run = start_job_run(cfg, run_title(cfg, cfg.optimizer.name), meta_run=directory.name,
+                        reused_meta_training=metadata.get("mlflow_run_id"))
     return jax_tree(meta_params), run
 
 
@@ -277,8 +306,9 @@ def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path
     elif manager.latest_step() is not None:  # a fresh start never overwrites an older run
         shutil.move(str(directory), f"{directory}.{time.strftime('%Y%m%d-%H%M%S')}")
         manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
-    run = run or start_job_run(cfg, f"{cfg.optimizer.name} {cfg.task.name} H={cfg.num_local_steps} "
-                                    f"K={cfg.num_grads}", meta_run=name)
+    if run is None:
+        run = start_job_run(cfg, run_title(cfg, cfg.optimizer.name), meta_run=name)
+        log_partition(run, splits)
     metadata = {"config": OmegaConf.to_container(cfg, resolve=True), "mlflow_run_id": run.run_id,
                 **meta_params_metadata(cfg)}
     logged_through = (run.last_step("meta_loss") or 0) if state is not None else 0
@@ -467,8 +497,7 @@ def run_job(cfg):
         cfg = adopt_training_settings(cfg, metadata)
         aggregator = learned_aggregator(cfg)
         server_update = checked_server_update(aggregator, meta_params)
-        run = start_job_run(cfg, f"{name} {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}",
-                            checkpoint=cfg.pretrained or cfg.checkpoint)
+        run = start_job_run(cfg, run_title(cfg, name), checkpoint=cfg.pretrained or cfg.checkpoint)
         method = f"{name}@{cfg.pretrained}" if cfg.pretrained else name  # the report tells them apart
         shipped = None
     else:
@@ -538,4 +567,4 @@ def shipped_counterpart(cfg) -> str | None:
     from lagg_pipeline import pretrained
 
     return pretrained.matching(cfg.optimizer.name, cfg.task.name, cfg.num_grads, cfg.num_local_steps,
-                               cfg.meta_loss_split)
+                               cfg.meta_loss_split, partition_label(cfg.partition))

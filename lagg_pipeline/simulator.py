@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from lagg_pipeline.aggregators.base import GRADIENT, LOCAL_SGD
 from lagg_pipeline.data import sample_batch
+from lagg_pipeline.data.partition import ClientSplit, sample_clients
 from lagg_pipeline.data.sampler import next_counter
 
 LossFn = Callable  # (params, x, y) -> scalar
@@ -61,23 +62,36 @@ class RoundState(NamedTuple):
     params: Any
     server_state: Any
     data_key: jax.Array  # classic uint32 PRNG key of this run's data stream
-    data_counter: jax.Array  # int32: training examples consumed so far
+    data_counter: Any  # int32 examples consumed so far, or ClientCounters over a ClientSplit
+
+
+def draw_round(train, key: jax.Array, counter, num_grads: int, num_local_steps: int, local_batch_size: int):
+    """One round's examples (x [K, H, B, ...], y [K, H, B]) and the stream's next position.
+
+    From a :class:`Split`, the K workers share one i.i.d. stream; from a
+    :class:`ClientSplit`, K of its clients are picked and each reads its own examples."""
+    if isinstance(train, ClientSplit):
+        x, y, counter = sample_clients(train, key, counter, num_grads, num_local_steps * local_batch_size)
+        return (x.reshape(num_grads, num_local_steps, local_batch_size, *x.shape[2:]),
+                y.reshape(num_grads, num_local_steps, local_batch_size), counter)
+    count = round_size(num_grads, num_local_steps, local_batch_size)
+    x_N, y_N = sample_batch(train, key, counter, count)
+    x, y = reshape_round_batch(x_N, y_N, num_grads, num_local_steps)
+    return x, y, next_counter(counter, count, train.y.shape[0])
 
 
 def make_round_step(task, server_update, *, num_grads: int, num_local_steps: int,
                     local_batch_size: int, local_learning_rate: float):
-    """``step(state, train_split) -> (state, train_loss)``: sample one K*H*B batch on the
+    """``step(state, train_split) -> (state, train_loss)``: sample one round's batches on the
     device, run the clients, apply the server update. Pure, so it can sit inside scan and
     vmap; the split is an argument so that jit never embeds a dataset as a constant."""
     client_round = make_client_round(task.loss, local_learning_rate, server_update.client)
-    count = round_size(num_grads, num_local_steps, local_batch_size)
 
     def step(state: RoundState, train_split):
-        x_N, y_N = sample_batch(train_split, state.data_key, state.data_counter, count)
-        x, y = reshape_round_batch(x_N, y_N, num_grads, num_local_steps)
+        x, y, counter = draw_round(train_split, state.data_key, state.data_counter, num_grads, num_local_steps,
+                                   local_batch_size)
         deltas_K, train_loss = client_round(state.params, x, y)
         params, server_state = server_update.update(deltas_K, state.server_state, state.params)
-        counter = next_counter(state.data_counter, count, train_split.y.shape[0])
         return RoundState(params, server_state, state.data_key, counter), train_loss
 
     return step

@@ -75,7 +75,9 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
     groups: dict[tuple, list] = {}
     for run in runs:
         tags = run.data.tags
-        if tags.get("optimizer") in HAND_OPTIMIZERS and "mlflow.parentRunId" in tags:
+        # Tuned values are i.i.d. ones: grid points run over clients (partition=...) are not mixed in.
+        if (tags.get("optimizer") in HAND_OPTIMIZERS and "mlflow.parentRunId" in tags
+                and tags.get("partition", "iid") == "iid"):
             groups.setdefault((tags["task"], tags["optimizer"], int(tags["H"]), int(tags["K"])), []).append(run)
     written = {}
     for (task, optimizer, h, k), members in sorted(groups.items()):

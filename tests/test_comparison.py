@@ -24,11 +24,12 @@ def fake_result(name, train_SxR, ov_SxE=None, acc_SxE=None):
 
 
 def log_run(experiment, name, result, *, optimizer=None, task="digits_mlp", H=4, seed=0, params=None,
-            parent=None):
+            parent=None, partition=None):
     optimizer = optimizer or name
     cfg = tracking_cfg(experiment)
-    run = tracking.start_run(cfg, name, {"optimizer": optimizer, "task": task, "H": H, "K": 8, "seed": seed,
-                                         "method": name}, parent_run_id=parent)
+    tags = {"optimizer": optimizer, "task": task, "H": H, "K": 8, "seed": seed, "method": name,
+            **({"partition": partition} if partition else {})}  # runs from before partitions have no tag
+    run = tracking.start_run(cfg, name, tags, parent_run_id=parent)
     run.log_params({"num_rounds": result.train_loss.shape[1], "num_runs": result.train_loss.shape[0],
                     **(params or {})})
     out = Path(f"art_{run.run_id}")
@@ -49,7 +50,9 @@ def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
     diverged[:, 5:] = np.nan
     log_run("tuning", "fedavg", fake_result("fedavg", diverged, np.full((2, 3), np.nan)),
             params={"local_learning_rate": 2.0}, parent=parent.run_id)
-    # a run outside any sweep (no parent) is not a grid point
+    # a run outside any sweep (no parent) is not a grid point, nor is one over non-i.i.d. clients
+    log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), 0.01)),
+            params={"local_learning_rate": 3.0}, parent=parent.run_id, partition="dirichlet(alpha=0.1, M=64)")
     log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), 0.01)), params={"local_learning_rate": 9.0})
     client, _ = tracking.client(tracking_cfg("tuning"))
     (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
@@ -112,10 +115,15 @@ def test_report_pools_seeds_ranks_methods_and_states_the_verdict(tmp_path):
     for seed in (0, 2):
         log_run("results", "lagg_a@digits_k8_h4", fake_result("lagg_a@digits_k8_h4", learned, np.full((2, 3), 0.6)),
                 optimizer="lagg_a", seed=seed, params={"local_learning_rate": 0.5, "pretrained": "digits_k8_h4"})
+    # the same method over non-i.i.d. clients is a group of its own
+    log_run("results", "fedavg", fake_result("fedavg", 3 * fedavg), params={"local_learning_rate": 0.5},
+            partition="dirichlet(alpha=0.1, M=64)")
     client, _ = tracking.client(tracking_cfg("results"))
     groups = comparison.collect(client, "results")
+    skewed = ("digits_mlp", 8, 4, R, "dirichlet(alpha=0.1, M=64)")
+    np.testing.assert_array_equal(groups.pop(skewed)[0].train_loss, 3 * fedavg)
     (key, curves), = groups.items()
-    assert key == ("digits_mlp", 8, 4, R)
+    assert key == ("digits_mlp", 8, 4, R, "iid")
     assert [c.method for c in curves] == ["lagg_a@digits_k8_h4", "fedavg", "fedadam"]
     assert curves[0].train_loss.shape == (4, R) and curves[1].train_loss.shape == (2, R)
     np.testing.assert_array_equal(curves[1].train_loss, fedavg)
@@ -135,6 +143,9 @@ def test_report_pools_seeds_ranks_methods_and_states_the_verdict(tmp_path):
     content = readme.read_text()
     assert "old numbers" not in content and content.startswith("intro\n") and content.endswith("tail\n")
     assert "| **lagg_a@digits_k8_h4** |" in content
+    text = comparison.markdown({skewed: [comparison.collect(client, "results")[skewed][0]]}, tmp_path)
+    assert "### digits_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64): 300 rounds, 2 seeds" in text
+    assert (tmp_path / f"digits_mlp_K8_H4_R{R}_dirichlet_alpha0.1_M64.png").is_file()
 
 
 def test_experiments_open_on_the_runs_view_in_the_mlflow_ui():

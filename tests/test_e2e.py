@@ -207,6 +207,24 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
         assert f"_h{metadata['num_local_steps']}" in name and metadata["num_grads"] == 8
         assert metadata["meta_loss_split"] == ("outer_valid" if "_ov" in name else "train")
         assert metadata["outer_steps"] == 2 and metadata["meta_train_seconds"] > 0
+        assert metadata["partition"] == ("dirichlet(alpha=0.1, M=64)" if "dirichlet" in name else "iid")
+
+
+def test_benchmark_over_heterogeneous_clients_is_recorded_and_reported():
+    out = cli("optimizer=fedavg", "task=mnist1d_mlp", "partition=dirichlet", "partition.alpha=0.1",
+              "tracking.experiment=results", *TINY_BENCH)
+    assert "partition dirichlet(alpha=0.1, M=64): min_client_size=100, max_client_size=100" in out.stdout
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{Path('outputs/mlflow.db').resolve()}")
+    (run,) = mlflow.search_runs(experiment_names=["results"], output_format="list")
+    assert run.data.tags["partition"] == "dirichlet(alpha=0.1, M=64)"
+    assert run.data.params["partition.name"] == "dirichlet" and run.data.params["partition.alpha"] == "0.1"
+    assert run.info.run_name.endswith("dirichlet(alpha=0.1, M=64)")
+    assert 0.3 < run.data.metrics["partition_mean_dominant_class_fraction"] < 1.0
+    report = cli("mode=report", "tracking.experiment=results", "report_dir=rep")
+    assert "mnist1d_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64): 20 rounds, 2 seeds" in report.stdout
+    assert Path("rep/mnist1d_mlp_K8_H4_R20_dirichlet_alpha0.1_M64.png").is_file()
 
 
 def test_tune_select_apply_and_report(tmp_path):

@@ -45,6 +45,8 @@ CASES = [
     ["truncation_schedule_min_length=5000"], ["num_outer_steps=0"], ["save_iter=0"], ["checkpoints_to_keep=0"],
     ["beta=1.0"], ["beta=-0.1"], ["weight_decay=-1"], ["optimizer=fedavgm", "optimizer.momentum=1.0"],
     ["optimizer=fedadam", "optimizer.b1=1.5"], ["optimizer=fedyogi", "optimizer.eps=0"], ["pes_devices=3"],
+    ["partition=labels"], ["partition=dirichlet", "partition.num_clients=4"],
+    ["partition=dirichlet", "partition.alpha=-1"],
     ["num_outer_steps=5"],  # not more than the warmup of the default schedule
     # unknown keys and options
     ["foo=1"], ["num_grad=4"], ["optimizer=fedprox"], ["task=imagenet"], ["H=5"], ["k=7"], ["mode=train"],

@@ -202,7 +202,7 @@ def test_pes_matches_the_spec_over_two_truncations_with_resets():
     pes = PES(linear_task(), aggregator, num_tasks=n, trunc_length=T, pes_std=sigma, min_length=1000,
               max_length=1001, num_grads=2, num_local_steps=2, local_batch_size=8, local_learning_rate=0.3)
     theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
-    state = pes.init(theta, jax.random.PRNGKey(1))
+    state = pes.init(theta, jax.random.PRNGKey(1), DATA)
     # Rounds 0-3 are truncation 1, rounds 4-7 truncation 2. A reset happens on the round where
     # step >= length. Particle 0 resets on round 5 (second round of truncation 2); particle 1
     # never; particle 2 resets on round 1 (truncation 1) and then runs a fresh 1000-round episode.

@@ -1,4 +1,5 @@
 """The learned server updates (SPEC 3.3): layout, step formula, state, jit/vmap, K checks."""
+import functools
 import re
 
 import jax
@@ -196,3 +197,38 @@ def test_construction_is_validated():
         LearnedAggregator("lagg-adafac", 8)
     with pytest.raises(ValueError, match="num_grads=0"):
         LearnedAggregator("lopt_a", 0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_averaging_init_starts_as_normalised_worker_averaging(variant):
+    """meta_init=averaging: with the random part switched off, the first step is exactly
+    p + STEP_MULT * scale * mean_k normalise(delta_k) (LOpt: normalise(mean_k delta_k))."""
+    k, scale = 3, 7.0
+    agg = LearnedAggregator(variant, num_grads=k, hidden_size=8)
+    fresh = agg.init_meta_params(jax.random.PRNGKey(0))
+    meta = agg.averaging_meta_params(fresh, scale, rest_scale=0.0)
+    params = {"w": jax.random.normal(jax.random.PRNGKey(1), (5, 4)), "b": jnp.arange(4.0)}
+    deltas_K = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(2), (k, *p.shape)), params)
+    update = agg.server_update(meta)
+    new_params, state = update.update(deltas_K, update.init(params), params)
+
+    def normalise(x):
+        return x * jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(x)))
+
+    per_worker = variant.startswith("lagg")
+    for name in params:
+        d = deltas_K[name]
+        direction = jnp.mean(jax.vmap(normalise)(d), 0) if per_worker else normalise(jnp.mean(d, 0))
+        np.testing.assert_allclose(new_params[name], params[name] + 1e-3 * scale * direction, rtol=1e-5, atol=1e-7)
+    # the random part is kept, scaled; the fresh meta-parameters are left as they were
+    kept = agg.averaging_meta_params(fresh, scale, rest_scale=0.5)
+    w2_path = agg._layer_paths()[2][0]
+    get = lambda tree: np.asarray(functools.reduce(lambda node, key: node[key], w2_path, tree))
+    np.testing.assert_allclose(get(kept)[2:], 0.5 * get(fresh)[2:])
+    assert get(fresh)[0, 0] != -scale  # not modified in place
+
+
+def test_averaging_init_needs_two_hidden_units():
+    with pytest.raises(ValueError, match="hidden_size >= 2"):
+        agg = LearnedAggregator("lagg_a", num_grads=2, hidden_size=1)
+        agg.averaging_meta_params(agg.init_meta_params(jax.random.PRNGKey(0)), 10.0)

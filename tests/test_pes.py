@@ -80,7 +80,7 @@ def test_pes_agrees_with_finite_differences_of_the_truncated_objective():
     aggregator, pes = _pes(num_tasks, T)
     theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
     # Episodes that cannot end inside the window: the objective is the plain T-round loss.
-    state = pes.init(theta, jax.random.PRNGKey(1))
+    state = pes.init(theta, jax.random.PRNGKey(1), DATA)
     state = state._replace(episode=Episode(jnp.zeros(num_tasks, jnp.int32), jnp.full(num_tasks, 1000, jnp.int32)))
 
     def objective(meta):
@@ -107,7 +107,7 @@ def test_resets_are_masked_and_restart_the_accumulator():
     num_tasks, T = 3, 6
     aggregator, pes = _pes(num_tasks, T)
     theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
-    state = pes.init(theta, jax.random.PRNGKey(1))
+    state = pes.init(theta, jax.random.PRNGKey(1), DATA)
     # Particle 0 ends after 2 more rounds, the others run on.
     state = state._replace(episode=Episode(jnp.array([8, 0, 0], jnp.int32), jnp.array([10, 1000, 1000], jnp.int32)))
     meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (2 * num_tasks, *p.shape)), theta)
@@ -136,7 +136,7 @@ def test_meta_training_makes_the_learned_update_train_faster():
         eval_pes = PES(linear_task(), aggregator, num_tasks=16, trunc_length=30,
                        pes_std=0.01, min_length=1000, max_length=1001, num_grads=2, num_local_steps=2,
                        local_batch_size=8, local_learning_rate=0.3)
-        s = eval_pes.init(meta_params, jax.random.PRNGKey(7))
+        s = eval_pes.init(meta_params, jax.random.PRNGKey(7), DATA)
         s = s._replace(episode=Episode(jnp.zeros(16, jnp.int32), jnp.full(16, 1000, jnp.int32)))
         meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (32, *p.shape)), meta_params)
         return float(jnp.mean(eval_pes.unroll(meta_2N, s, DATA)[1].loss[-5:]))
@@ -160,7 +160,7 @@ def test_outer_valid_meta_loss_scores_the_updated_weights_on_that_split():
     held_out = synthetic_split(n=20)._replace(y=jnp.zeros(20, jnp.int32))  # labels unlike the train split's
     data = PESData(synthetic_split(), held_out)
     theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
-    state = pes.init(theta, jax.random.PRNGKey(1))
+    state = pes.init(theta, jax.random.PRNGKey(1), data)
     state = state._replace(episode=Episode(jnp.zeros(num_tasks, jnp.int32), jnp.full(num_tasks, 1000, jnp.int32)))
     meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (2 * num_tasks, *p.shape)), theta)
     after, out = jax.jit(pes.unroll)(meta_2N, state, data)

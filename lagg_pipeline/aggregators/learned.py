@@ -98,6 +98,43 @@ class LearnedAggregator:
                 "adafactor_decays": jnp.zeros(len(features.ADAFACTOR_DECAYS), jnp.float32),
                 "nn": nn}
 
+    def _layer_paths(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """(weights path, bias path) of the three layers, input layer first."""
+        if self.uses_accumulators:
+            return [(("nn", "~", f"w{i}"), ("nn", "~", f"b{i}")) for i in range(3)]
+        return [((f"mlp/~/linear_{i}", "w"), (f"mlp/~/linear_{i}", "b")) for i in range(3)]
+
+    def averaging_meta_params(self, meta_params: MetaParams, step_scale: float,
+                              rest_scale: float = 0.1) -> MetaParams:
+        """``meta_params`` rewired so that the update starts as normalised worker averaging.
+
+        Two hidden units per layer carry +a and -a through the ReLUs, where a is the mean of the
+        raw-delta input columns (normalised per tensor, SPEC 3.2), and relu(a) - relu(-a) = a
+        reaches the direction output as d = -step_scale * a. With the magnitude output near 0 the
+        first server step is p + STEP_MULT * step_scale * mean_k normalise(delta_k): FedAvg with
+        each tensor's step normalised. The other units keep their random weights, their output
+        weights scaled by ``rest_scale``, so that meta-training can use them. This is
+        ``meta_init=averaging``: a start that already trains, instead of a random update that
+        (on MNIST-1D) makes the loss grow and traps meta-training at "no step".
+        """
+        if self.hidden_size < 2:
+            raise ValueError(f"meta_init=averaging needs hidden_size >= 2 (got {self.hidden_size})")
+        num_raw = self.num_grads if self.per_worker_inputs else 1
+        paths = [path for layer in self._layer_paths() for path in layer]
+        get = lambda tree, path: functools.reduce(lambda node, key: node[key], path, tree)
+        w0, b0, w1, b1, w2, b2 = (np.array(get(meta_params, path)) for path in paths)
+        w0[:, :2], b0[:2] = 0.0, 0.0
+        w0[:num_raw, 0], w0[:num_raw, 1] = 1.0 / num_raw, -1.0 / num_raw
+        w1[:2, :], w1[:, :2], b1[:2] = 0.0, 0.0, 0.0
+        w1[0, 0] = w1[1, 1] = 1.0
+        w2 *= rest_scale
+        w2[:2, :], b2[:] = 0.0, 0.0
+        w2[0, 0], w2[1, 0] = -step_scale, step_scale
+        rewired = jax.tree.map(lambda x: x, meta_params)  # new containers, same leaves
+        for path, value in zip(paths, (w0, b0, w1, b1, w2, b2)):
+            get(rewired, path[:-1])[path[-1]] = jnp.asarray(value)
+        return rewired
+
     def _nn(self, meta_params: MetaParams) -> MetaParams:
         return meta_params["nn"] if self.uses_accumulators else meta_params
 

@@ -27,8 +27,8 @@ def _hash32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _half_bits(n: int) -> int:
-    """b such that 4^b >= n: the Feistel domain [0, 2^(2b)) holds [0, n) with at most 4x slack."""
+def half_bits(n: int) -> int:
+    """The least b >= 1 with 4^b >= n: the Feistel domain [0, 2^(2b)) holds [0, n) with at most 4x slack."""
     b = 1
     while 4 ** b < n:
         b += 1
@@ -43,10 +43,13 @@ def epoch_round_keys(key: jax.Array, epoch: jax.Array) -> jax.Array:
     return _hash32(base_R ^ salt)
 
 
-def permute(position: jax.Array, round_keys: jax.Array, n: int) -> jax.Array:
-    """perm(position) for positions in [0, n) (uint32), under per-element ``round_keys`` [..., R]."""
-    b = _half_bits(n)
-    mask = jnp.uint32((1 << b) - 1)
+def permute(position: jax.Array, round_keys: jax.Array, n, b=None) -> jax.Array:
+    """perm(position) for positions in [0, n) (uint32), under per-element ``round_keys`` [..., R].
+
+    ``n`` and the half width ``b`` (default ``half_bits(n)``) may be traced, as for a client
+    whose size is data; ``b`` must then be given."""
+    b = jnp.asarray(half_bits(n) if b is None else b, jnp.uint32)
+    mask = (jnp.uint32(1) << b) - jnp.uint32(1)
 
     def feistel(x):
         left, right = x >> b, x & mask
@@ -61,11 +64,15 @@ def permute(position: jax.Array, round_keys: jax.Array, n: int) -> jax.Array:
     return jax.lax.while_loop(lambda y: jnp.any(y >= n), lambda y: jnp.where(y >= n, feistel(y), y), y)
 
 
-def stream_indices(key: jax.Array, counter: jax.Array, count: int, n: int) -> jax.Array:
-    """Split indices of stream examples counter .. counter + count - 1 (int32 [count])."""
+def stream_indices(key: jax.Array, counter: jax.Array, count: int, n, b=None) -> jax.Array:
+    """Split indices of stream examples counter .. counter + count - 1 (int32 [count]).
+
+    ``n`` (and ``b``, see :func:`permute`) may be traced; ``count`` is static."""
+    b = half_bits(n) if b is None else b
+    n = jnp.asarray(n).astype(jnp.uint32)
     i = jnp.asarray(counter).astype(jnp.uint32) + jnp.arange(count, dtype=jnp.uint32)
-    epoch, position = i // jnp.uint32(n), i % jnp.uint32(n)
-    return permute(position, epoch_round_keys(key, epoch), n).astype(jnp.int32)
+    epoch, position = i // n, i % n
+    return permute(position, epoch_round_keys(key, epoch), n, b).astype(jnp.int32)
 
 
 def next_counter(counter: jax.Array, count: int, n: int) -> jax.Array:
@@ -73,8 +80,9 @@ def next_counter(counter: jax.Array, count: int, n: int) -> jax.Array:
     a whole number of epochs (the largest multiple of n below 2^31), so the stream stays a
     sequence of complete permutations however long a run is (epoch keys repeat after ~2^31/n
     epochs, instead of the counter overflowing)."""
-    period = (2 ** 31 - 1) // n * n
-    return ((jnp.asarray(counter).astype(jnp.uint32) + jnp.uint32(count)) % jnp.uint32(period)).astype(jnp.int32)
+    n = jnp.asarray(n).astype(jnp.uint32)
+    period = jnp.uint32(2 ** 31 - 1) // n * n
+    return ((jnp.asarray(counter).astype(jnp.uint32) + jnp.uint32(count)) % period).astype(jnp.int32)
 
 
 def sample_batch(split: Split, key: jax.Array, counter: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:

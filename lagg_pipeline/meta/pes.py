@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from lagg_pipeline.config import META_LOSS_SPLITS
 from lagg_pipeline.data import Split, sample_batch
+from lagg_pipeline.data.partition import init_counter, stream_position
 from lagg_pipeline.meta.truncation import Episode, advance, initial_episodes, normalize_meta_loss
 from lagg_pipeline.simulator import RoundState, make_round_step, round_size
 
@@ -91,19 +92,21 @@ class PES:
         if split.y.shape[0] <= self.round_size:
             return self.task.loss(state.params, split.x, split.y)
         # Its own stream (key folded with 1) at the training stream's position: fresh each round.
-        x, y = sample_batch(split, jax.random.fold_in(state.data_key, 1), state.data_counter, self.round_size)
+        x, y = sample_batch(split, jax.random.fold_in(state.data_key, 1), stream_position(state.data_counter),
+                            self.round_size)
         return self.task.loss(state.params, x, y)
 
-    def _fresh(self, meta_params, key) -> RoundState:
+    def _fresh(self, meta_params, key, train) -> RoundState:
         init_key, data_key = jax.random.split(key)
         params = self.task.init(init_key)
         return RoundState(params, self.aggregator.server_update(meta_params).init(params), data_key,
-                          jnp.int32(0))
+                          init_counter(train))
 
-    def init(self, meta_params, key) -> PESState:
+    def init(self, meta_params, key, data: PESData) -> PESState:
         """Fresh particles with staggered episode offsets and zero accumulators."""
         k_init, k_episode, k_next = jax.random.split(key, 3)
-        fresh = jax.vmap(self._fresh, in_axes=(None, 0))(meta_params, jax.random.split(k_init, self.num_tasks))
+        fresh = jax.vmap(self._fresh, in_axes=(None, 0, None))(meta_params, jax.random.split(k_init, self.num_tasks),
+                                                               data.train)
         episode = initial_episodes(k_episode, self.num_tasks, self.min_length, self.max_length)
         accumulator = jax.tree.map(lambda p: jnp.zeros((self.num_tasks, *p.shape), p.dtype), meta_params)
         return PESState(_stack_pair(fresh), episode, accumulator, k_next)
@@ -119,8 +122,9 @@ class PES:
         meta_params_2N = self._shard(meta_params_2N)
 
         def reset(trained, is_reset_N, k_reset):
-            fresh_N = jax.vmap(self._fresh)(jax.tree.map(lambda x: x[:self.num_tasks], meta_params_2N),
-                                            jax.random.split(k_reset, self.num_tasks))
+            fresh_N = jax.vmap(self._fresh, in_axes=(0, 0, None))(
+                jax.tree.map(lambda x: x[:self.num_tasks], meta_params_2N), jax.random.split(k_reset, self.num_tasks),
+                data.train)
             return _where(jnp.concatenate([is_reset_N, is_reset_N]), _stack_pair(fresh_N), trained)
 
         def body(carry, _):

@@ -96,8 +96,10 @@ class MetaTrainer:
         key = jax.random.PRNGKey(self.cfg.seed)
         k_meta, k_pes, k_next = jax.random.split(key, 3)
         meta_params = self.aggregator.init_meta_params(k_meta)
-        return MetaTrainState(meta_params, self.optimizer.init(meta_params), self.pes.init(meta_params, k_pes),
-                              k_next, jnp.int32(0))
+        if self.cfg.meta_init == "averaging":
+            meta_params = self.aggregator.averaging_meta_params(meta_params, self.cfg.meta_init_scale)
+        pes = self.pes.init(meta_params, k_pes, self.data)
+        return MetaTrainState(meta_params, self.optimizer.init(meta_params), pes, k_next, jnp.int32(0))
 
     def _step(self, state: MetaTrainState, data: PESData):
         key, k_est = jax.random.split(state.key)
