@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import tempfile
 import zipfile
 from pathlib import Path
@@ -83,6 +84,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+PAUSE_ENV = "LAGG_PIPELINE_TEST_PAUSE"  # "<file name>:<moment>": the process stops there (tests kill it)
+
+
+def _test_pause(path: Path, moment: str) -> None:
+    """Test hook: stop this process (SIGSTOP) at ``moment`` of writing ``path`` when
+    $LAGG_PIPELINE_TEST_PAUSE asks for it, so that a test can SIGKILL it exactly there."""
+    if os.environ.get(PAUSE_ENV) == f"{path.name}:{moment}":
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def _atomic_write(path: Path, write) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it into place."""
     path = Path(path)
@@ -91,11 +102,13 @@ def _atomic_write(path: Path, write) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            _test_pause(path, "mid_write")
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private
+        _test_pause(path, "before_rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -244,6 +257,7 @@ class CheckpointManager:
             for stale in self.directory.glob(f".*{_TMP_SUFFIX}"):
                 stale.unlink(missing_ok=True)  # left by a crash (SIGKILL) mid-write
         path = save_pytree(self.path(step), tree, {**(metadata or {}), "step": step})
+        _test_pause(path, "before_pointer")
         _atomic_write(self.directory / POINTER, lambda f: f.write(path.name.encode()))
         # The file just written survives even if a rerun saves below older steps.
         for old in [s for s in self._steps() if s != step][:-(self.keep - 1) or None]:

@@ -223,14 +223,15 @@ def shipped_table() -> str:
     """The shipped aggregators, from their own metadata: settings, length and cost of meta-training."""
     from lagg_pipeline import pretrained
 
-    lines = ["| optimizer | pretrained= | task | K | H | γ | meta-loss | outer steps | meta-training | re-create |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| optimizer | pretrained= | task | K | H | γ | clients | meta-loss | start | outer steps | meta-training "
+             "| re-create |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, name), file in pretrained.available().items():
         m = pretrained.metadata(file)
         seconds = m.get("meta_train_seconds")
         minutes = f"{seconds / 60:.0f} min" if seconds else "?"
         lines.append(f"| {variant} | `{name}` | {m.get('task')} | {m.get('num_grads')} | {m.get('num_local_steps')} | "
-                     f"{m.get('local_learning_rate')} | {m.get('meta_loss_split', 'train')} | {m.get('outer_steps')} | "
+                     f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {m.get('meta_loss_split', 'train')} | "
+                     f"{m.get('meta_init', 'random')} | {m.get('outer_steps')} | "
                      f"{minutes} | `{m.get('command', '?')}` |")
     return "\n".join(lines)
 

@@ -75,6 +75,18 @@ class Run:
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
         self.pending: list = []  # metrics not yet accepted by the store
+        self.store_down = False  # the last call failed after retries: try once per call until it answers
+
+    def _call(self, call):
+        """``call()`` with retries, or a single attempt while the store is known to be down (so
+        that training goes on at full speed instead of waiting on a dead server)."""
+        try:
+            result = call() if self.store_down else _retrying(call)
+        except Exception:
+            self.store_down = True
+            raise
+        self.store_down = False
+        return result
 
     @property
     def pending_file(self) -> Path:
@@ -103,7 +115,7 @@ class Run:
         while self.pending:
             batch = self.pending[:_BATCH]
             try:
-                _retrying(lambda: self.client.log_batch(self.run_id, metrics=batch))
+                self._call(lambda: self.client.log_batch(self.run_id, metrics=batch))
             except Exception as err:
                 self._keep_locally(err)
                 return False
@@ -131,9 +143,15 @@ class Run:
         """The highest step logged for metric ``name`` (0 if none)."""
         return max((m.step for m in self.client.get_metric_history(self.run_id, name)), default=0)
 
-    def metric_total(self, name: str) -> float:
-        """The sum of every value logged for metric ``name``."""
-        return float(sum(m.value for m in self.client.get_metric_history(self.run_id, name)))
+    def metric_total(self, name: str) -> float | None:
+        """The sum of every value logged for metric ``name`` (None while the store is down)."""
+        if not self.flush_pending():
+            return None
+        try:
+            history = self._call(lambda: self.client.get_metric_history(self.run_id, name))
+        except Exception:
+            return None
+        return float(sum(m.value for m in history))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
@@ -146,14 +164,20 @@ class Run:
         if not path.exists():
             return
         try:
-            _retrying(lambda: upload(self.run_id, str(path), artifact_path))
+            self._call(lambda: upload(self.run_id, str(path), artifact_path))
         except Exception as err:
             print(f"artifact not uploaded ({str(err).splitlines()[0][:200]}); it stays at {path}")
 
     def end(self, status: str = "FINISHED") -> None:
+        """Mark the run ended. A store that does not answer then costs the job nothing: it says
+        where the unsent metrics are and that the run still shows as running."""
         if not self.flush_pending():
             print(f"run {self.run_id} ended with metrics still in {self.pending_file} (the store did not answer)")
-        _retrying(lambda: self.client.set_terminated(self.run_id, status))
+        try:
+            _retrying(lambda: self.client.set_terminated(self.run_id, status))
+        except Exception as err:
+            print(f"run {self.run_id} could not be marked {status} ({str(err).splitlines()[0][:200]}); "
+                  f"the store still shows it as running")
 
 
 class NullRun:
@@ -170,6 +194,11 @@ def _client_and_experiment(tracking_cfg):
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(tracking_cfg.uri)
+    if uri.startswith(("http://", "https://")):
+        # MLflow's own HTTP retries wait minutes on a dead server; the Run buffers instead.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ and not tracking_cfg.uri:
         LOCAL_STORE.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

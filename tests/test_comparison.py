@@ -209,3 +209,14 @@ def test_retrying_rides_out_a_locked_database(monkeypatch):
     assert tracking._retrying(locked_twice) == "ok" and len(calls) == 3
     with pytest.raises(RuntimeError):
         tracking._retrying(lambda: (_ for _ in ()).throw(RuntimeError("still locked")), attempts=2)
+
+
+def test_shipped_table_lists_every_shipped_aggregator_with_its_settings():
+    from lagg_pipeline import pretrained
+
+    rows = comparison.shipped_table().splitlines()[2:]
+    assert len(rows) == len(pretrained.available())
+    assert all(row.count("|") == 13 for row in rows)
+    (row,) = [r for r in rows if "`digits_k8_h4_ov`" in r]
+    assert "| digits_mlp | 8 | 4 | 0.5 | iid | outer_valid | random | 400 |" in row
+    assert "`python -m lagg_pipeline experiment=pretrain_digits_k8_h4_ov optimizer=lagg_a" in row

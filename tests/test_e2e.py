@@ -138,6 +138,49 @@ def test_kill_during_meta_training_then_resume_equals_uninterrupted():
     assert steps == [list(range(1, 13))] * 2
 
 
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_sigkill_inside_a_checkpoint_write_never_selects_the_partial_file():
+    """SIGKILL at three moments of writing checkpoint 6 (data half-written, file complete but not
+    renamed, renamed but `latest` not updated); each time resume=true ends bit-identical."""
+    import os
+
+    from lagg_pipeline.checkpoint import PAUSE_ENV, CheckpointManager
+
+    args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=9", "save_iter=3", "progress=false",
+            "tracking=off"]
+    cli(*args, "checkpoint_dir=straight")
+    (straight,) = [p for p in Path("straight").iterdir() if p.is_dir()]
+    expected = np.load(straight / "meta_params.npz")
+    for moment in ("mid_write", "before_rename", "before_pointer"):
+        folder = f"killed_{moment}"
+        proc = subprocess.Popen([sys.executable, "-m", "lagg_pipeline", *args, f"checkpoint_dir={folder}"],
+                                env={**os.environ, PAUSE_ENV: f"ckpt_00000006.npz:{moment}"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while not _stopped(proc.pid):
+            assert proc.poll() is None and time.time() < deadline, f"{moment}: never paused"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        (run_dir,) = [p for p in Path(folder).iterdir() if p.is_dir()]
+        manager = CheckpointManager(run_dir, keep=10)
+        assert manager.latest_step() == 3, moment  # the pointer never names an unfinished file
+        assert (run_dir / "ckpt_00000006.npz").exists() == (moment == "before_pointer")
+        assert bool(list(run_dir.glob(".ckpt_00000006.npz.*.tmp"))) == (moment != "before_pointer")
+        out = cli(*args, f"checkpoint_dir={folder}", "resume=true")
+        # a renamed file is complete, whatever `latest` says: resume takes the newest valid one
+        step = 6 if moment == "before_pointer" else 3
+        assert f"resuming {run_dir.name} at outer step {step}" in out.stdout, out.stdout
+        assert not list(run_dir.glob(".*.tmp"))  # the stray temporary file was cleaned up
+        resumed = np.load(run_dir / "meta_params.npz")
+        for name in expected.files:
+            if name != "__metadata__":
+                np.testing.assert_array_equal(expected[name], resumed[name], err_msg=moment)
+
+
 @pytest.mark.skipif(not FIXTURE.exists(), reason="../shared/fixtures is not present")
 def test_import_legacy_then_benchmark():
     out = cli("mode=import_legacy", f"legacy_path={FIXTURE}", "optimizer=lopt_a", "num_grads=8",
@@ -290,6 +333,87 @@ def test_sigterm_exits_cleanly_with_a_resumable_killed_run():
             np.testing.assert_array_equal(a[name], b[name])
     statuses = sorted(r.info.status for r in mlflow_runs())
     assert statuses == ["FINISHED", "FINISHED"]  # the killed run was resumed and finished
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
+    import urllib.request
+
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                               f"sqlite:///{root / 'db.sqlite'}", "--default-artifact-root", str(root / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return server
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("mlflow server did not start")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import os
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers
+    proc.wait()
+
+
+def _wait_for(pattern: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not list(Path("ck").glob(f"*/{pattern}")):
+        assert proc.poll() is None and time.time() < deadline, f"no {pattern}: {proc.communicate()}"
+        time.sleep(0.1)
+
+
+def test_tracking_server_killed_mid_run_loses_no_metric():
+    """A real MLflow server dies during meta-training: training and checkpoints go on, the
+    metrics wait in a local buffer and reach the server once it is back."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    port, root = _free_port(), Path("server").resolve()
+    server = _start_mlflow_server(port, root)
+    steps = 40
+    train = subprocess.Popen([sys.executable, "-m", "lagg_pipeline", "optimizer=lopt", "mode=meta_train", *TINY_META,
+                              f"num_outer_steps={steps}", "trunc_length=10", "progress=false", "checkpoint_dir=ck",
+                              f"tracking.uri=http://127.0.0.1:{port}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for("ckpt_00000004.npz", train)
+        _kill_group(server)
+        _wait_for("ckpt_00000014.npz", train)  # training and checkpoints go on without the server
+        os.kill(train.pid, signal.SIGSTOP)  # hold it while the server restarts (that takes a while)
+        server = _start_mlflow_server(port, root)
+        os.kill(train.pid, signal.SIGCONT)
+        out, err = train.communicate(timeout=600)
+    finally:
+        if train.poll() is None:
+            train.kill()
+        _kill_group(server)
+    assert train.returncode == 0, err[-3000:]
+    assert "tracking store unavailable" in out and "metrics are kept in" in out
+    assert "tracking store reachable again: buffered metrics of run" in out
+    server = _start_mlflow_server(port, root)
+    try:
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        (run,) = client.search_runs([client.get_experiment_by_name("lagg_pipeline").experiment_id])
+        assert run.info.status == "FINISHED"
+        for name in ("meta_loss", "seconds_per_outer_step"):
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == list(range(1, steps + 1))
+    finally:
+        _kill_group(server)
+    assert not list(Path("outputs/mlflow_pending").glob("*.jsonl"))  # the buffer was emptied
 
 
 def test_parallel_sweep_over_benchmark_keys_meta_trains_once():
