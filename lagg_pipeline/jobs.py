@@ -563,8 +563,9 @@ def select_tuned_job(cfg):
 
 
 def shipped_counterpart(cfg) -> str | None:
-    """The shipped pretrained aggregator of this variant for this task, K, H and meta-loss split."""
+    """The shipped pretrained aggregator of this variant meta-trained like this job (task, K, H,
+    meta-loss split, clients, start), if there is one."""
     from lagg_pipeline import pretrained
 
     return pretrained.matching(cfg.optimizer.name, cfg.task.name, cfg.num_grads, cfg.num_local_steps,
-                               cfg.meta_loss_split, partition_label(cfg.partition))
+                               cfg.meta_loss_split, partition_label(cfg.partition), cfg.meta_init)

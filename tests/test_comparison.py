@@ -220,3 +220,15 @@ def test_shipped_table_lists_every_shipped_aggregator_with_its_settings():
     (row,) = [r for r in rows if "`digits_k8_h4_ov`" in r]
     assert "| digits_mlp | 8 | 4 | 0.5 | iid | outer_valid | random | 400 |" in row
     assert "`python -m lagg_pipeline experiment=pretrain_digits_k8_h4_ov optimizer=lagg_a" in row
+
+
+def test_the_shipped_counterpart_matches_how_a_job_meta_trains():
+    from lagg_pipeline import pretrained
+
+    assert pretrained.matching("lagg_a", "digits_mlp", 8, 4, "train") == "digits_k8_h4"
+    assert pretrained.matching("lagg_a", "digits_mlp", 8, 8, "train") == "digits_k8_h8"
+    assert pretrained.matching("lagg_a", "mnist1d_mlp", 8, 4, "train", "iid", "averaging") == "mnist1d_k8_h4"
+    assert pretrained.matching("lagg_a", "mnist1d_mlp", 8, 4, "train", "dirichlet(alpha=0.1, M=64)",
+                               "averaging") == "mnist1d_k8_h4_dirichlet"
+    assert pretrained.matching("lagg_a", "mnist1d_mlp", 8, 4, "train") is None  # no random-start one shipped
+    assert pretrained.matching("lagg_a", "digits_mlp", 16, 4, "train") is None

@@ -37,13 +37,13 @@ def metadata(file: Path) -> dict:
 
 
 def matching(variant: str, task: str, num_grads: int, num_local_steps: int, meta_loss_split: str,
-             partition: str = "iid") -> str | None:
+             partition: str = "iid", meta_init: str = "random") -> str | None:
     """The name of a shipped ``variant`` meta-trained with these settings, if one exists."""
-    wanted = (task, num_grads, num_local_steps, meta_loss_split, partition)
+    wanted = (task, num_grads, num_local_steps, meta_loss_split, partition, meta_init)
     for (v, name), file in available().items():
         meta = metadata(file) if v == variant else {}
-        if (meta.get("task"), meta.get("num_grads"), meta.get("num_local_steps"),
-                meta.get("meta_loss_split", "train"), meta.get("partition", "iid")) == wanted:
+        if (meta.get("task"), meta.get("num_grads"), meta.get("num_local_steps"), meta.get("meta_loss_split", "train"),
+                meta.get("partition", "iid"), meta.get("meta_init", "random")) == wanted:
             return name
     return None
 
@@ -55,6 +55,6 @@ def describe() -> str:
         meta = metadata(file)
         lines.append(f"{variant:7s} pretrained={name:18s} task={meta.get('task')} K={meta.get('num_grads')} "
                      f"H={meta.get('num_local_steps')} meta_loss_split={meta.get('meta_loss_split', 'train')} "
-                     f"partition={meta.get('partition', 'iid')} "
+                     f"partition={meta.get('partition', 'iid')} meta_init={meta.get('meta_init', 'random')} "
                      f"outer_steps={meta.get('outer_steps')}  re-create: {meta.get('command', '?')}")
     return "\n".join(lines) or "no pretrained aggregators are shipped"
