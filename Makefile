@@ -73,7 +73,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist1d_mlp pretrained=mnist1d_k8_h4 $(SHIPPED_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist5k_mlp H=4 $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(SHIPPED_ARGS) \
-		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,mnist1d_k8_h4_ov,mnist1d_k8_h4,digits_k8_h4_avg_ov
+		pretrained=digits_k8_h4,mnist1d_k8_h4,digits_k8_h4_avg_ov
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist5k_mlp pretrained=digits_k8_h4_avg,mnist1d_k8_h4 \
 		$(SHIPPED_ARGS)
 	$(MAKE) results-federated
