@@ -180,3 +180,17 @@ def _cfg(**partition):
 def test_partition_values_are_checked(partition, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(_cfg(**partition))
+
+
+def test_iid_rounds_draw_the_documented_stream_bit_for_bit():
+    """partition=iid: a round's K x H x B examples are exactly the stream positions the sampler
+    documents (a plain-Python reference, written before clients existed), worker k the k-th block."""
+    from lagg_pipeline.simulator import draw_round
+    from test_data import N, _reference_indices
+
+    split = Split(jnp.arange(N, dtype=jnp.float32)[:, None], jnp.arange(N, dtype=jnp.int32))
+    key, counter = jax.random.PRNGKey(3), 2 * N - 7  # a round that crosses an epoch boundary
+    x, y, after = jax.jit(draw_round, static_argnums=(3, 4, 5))(split, key, jnp.int32(counter), 2, 3, 5)
+    np.testing.assert_array_equal(y, _reference_indices(key, counter, 30).reshape(2, 3, 5))
+    np.testing.assert_array_equal(x[..., 0], y)
+    assert int(after) == counter + 30
