@@ -43,9 +43,8 @@ def output_dir() -> Path:
 def load_task(cfg):
     """The task's data splits (on the device) and its model."""
     from lagg_pipeline.data import DataUnavailableError, load_splits
-    from lagg_pipeline.tasks import make_task
-
     from lagg_pipeline.data.partition import describe, partition_splits
+    from lagg_pipeline.tasks import make_task
 
     try:
         splits = load_splits(cfg.task.dataset, image_size=cfg.task.image_size, data_dir=cfg.data_dir)
@@ -90,11 +89,13 @@ def log_partition(run, splits) -> None:
         run.log_metrics({k: ([0], [v]) for k, v in describe(splits.train).items()})
 
 
-def start_job_run(cfg, run_name: str, **extra_tags):
-    """An MLflow run for this job with the flattened config and Hydra's files attached."""
-    run = tracking.start_run(cfg.tracking, cfg.tracking.run_name or run_name, run_tags(cfg, **extra_tags),
-                             parent_run_id=cfg.tracking.parent_run_id)
+def start_job_run(cfg, method: str, splits, **extra_tags):
+    """An MLflow run of ``method`` for this job: the flattened config, the partition's numbers
+    and Hydra's files attached."""
+    run = tracking.start_run(cfg.tracking, cfg.tracking.run_name or run_title(cfg, method),
+                             run_tags(cfg, **extra_tags), parent_run_id=cfg.tracking.parent_run_id)
     run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+    log_partition(run, splits)
     run.log_artifact(output_dir() / ".hydra", "hydra")
     return run
 
@@ -132,9 +133,8 @@ def benchmark(cfg, server_update, name: str, splits, task, *, run=None, **tags):
 
     out = output_dir()
     own_run = run is None
-    run = run or start_job_run(cfg, run_title(cfg, name), **tags)
+    run = run or start_job_run(cfg, name, splits, **tags)
     try:
-        log_partition(run, splits)
         result = run_benchmark(task, splits, server_update, name=name, num_grads=cfg.num_grads,
                                num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
                                local_learning_rate=cfg.local_learning_rate, num_runs=cfg.num_runs,
@@ -260,13 +260,13 @@ def meta_train(cfg, splits, task, aggregator):
     directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
     with exclusive(directory.parent / f".{name}.lock"):
         sweep = sweep_dir()
-        reused = _reuse_from_sweep(cfg, directory, sweep) if sweep and not cfg.resume else None
+        reused = _reuse_from_sweep(cfg, splits, directory, sweep) if sweep and not cfg.resume else None
         if reused is not None:
             return reused
         return _meta_train_locked(cfg, splits, task, aggregator, name, directory, sweep)
 
 
-def _reuse_from_sweep(cfg, directory: Path, sweep: str):
+def _reuse_from_sweep(cfg, splits, directory: Path, sweep: str):
     from lagg_pipeline.checkpoint import CheckpointError, load_params
 
     export = directory / "meta_params.npz"
@@ -277,7 +277,7 @@ def _reuse_from_sweep(cfg, directory: Path, sweep: str):
     if metadata.get("sweep_dir") != sweep or metadata.get("outer_steps") != cfg.num_outer_steps:
         return None
     print(f"reusing this sweep's meta-training {directory.name} ({export})")
-    run = start_job_run(cfg, run_title(cfg, cfg.optimizer.name), meta_run=directory.name,
+    run = start_job_run(cfg, cfg.optimizer.name, splits, meta_run=directory.name,
                         reused_meta_training=metadata.get("mlflow_run_id"))
     return jax_tree(meta_params), run
 
@@ -306,9 +306,7 @@ def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path
     elif manager.latest_step() is not None:  # a fresh start never overwrites an older run
         shutil.move(str(directory), f"{directory}.{time.strftime('%Y%m%d-%H%M%S')}")
         manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
-    if run is None:
-        run = start_job_run(cfg, run_title(cfg, cfg.optimizer.name), meta_run=name)
-        log_partition(run, splits)
+    run = run or start_job_run(cfg, cfg.optimizer.name, splits, meta_run=name)
     metadata = {"config": OmegaConf.to_container(cfg, resolve=True), "mlflow_run_id": run.run_id,
                 **meta_params_metadata(cfg)}
     logged_through = (run.last_step("meta_loss") or 0) if state is not None else 0
@@ -497,7 +495,7 @@ def run_job(cfg):
         cfg = adopt_training_settings(cfg, metadata)
         aggregator = learned_aggregator(cfg)
         server_update = checked_server_update(aggregator, meta_params)
-        run = start_job_run(cfg, run_title(cfg, name), checkpoint=cfg.pretrained or cfg.checkpoint)
+        run = start_job_run(cfg, name, splits, checkpoint=cfg.pretrained or cfg.checkpoint)
         method = f"{name}@{cfg.pretrained}" if cfg.pretrained else name  # the report tells them apart
         shipped = None
     else:

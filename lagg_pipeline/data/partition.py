@@ -142,6 +142,7 @@ def sample_clients(train: ClientSplit, key: jax.Array, counter: ClientCounters, 
     keyed by ``fold_in(key, m)``; the selection by the round's position in the whole stream.
     """
     num_clients = train.size_M.shape[0]
+    # fold_in(key, M) differs from every client's stream key fold_in(key, m), m < M.
     selection_key = jax.random.fold_in(jax.random.fold_in(key, num_clients), counter.total)
     clients_K = jax.random.choice(selection_key, num_clients, (num_grads,), replace=False)
 
