@@ -6,6 +6,7 @@ checks (ranges, names, data sizes) that must pass before any compute starts.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -67,6 +68,17 @@ def partition_label(partition) -> str:
 
 
 @dataclass
+class DistributedConfig:
+    """Meta-training over several processes (hosts) with JAX's own runtime
+    (``jax.distributed.initialize``); the PES particles are split over every process's devices."""
+
+    enabled: bool = False
+    coordinator_address: Optional[str] = None  # host:port of process 0; null: detected (SLURM, Open MPI, ...)
+    num_processes: Optional[int] = None  # null: detected from the cluster environment
+    process_id: Optional[int] = None  # this process, 0..num_processes-1; null: detected
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; default: sqlite under outputs/
@@ -84,6 +96,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # Client simulator (SPEC 1).
     num_grads: int = 8
     num_local_steps: int = 4
@@ -113,7 +126,7 @@ class Config:
     meta_init: str = "random"  # SPEC 3.3's random network, or "averaging": start as normalised worker averaging
     meta_init_scale: float = 10.0  # meta_init=averaging: the first steps' size, in units of STEP_MULT per element
     num_outer_steps: int = 200
-    pes_devices: Optional[int] = None  # local devices the PES particles are spread over (None: all that fit)
+    pes_devices: Optional[int] = None  # devices the PES particles are spread over (None: all that fit)
     weight_decay: float = 1e-4
     save_iter: int = 25
     checkpoints_to_keep: int = 10
@@ -131,6 +144,23 @@ class Config:
 
 def register() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _validate_distributed(cfg) -> None:
+    dist = cfg.distributed
+    if not dist.enabled:
+        return
+    _require(cfg.mode == "meta_train" and cfg.optimizer.name in LEARNED_OPTIMIZERS,
+             f"distributed.enabled=true is not allowed with mode={cfg.mode} optimizer={cfg.optimizer.name}; "
+             f"several processes share a meta-training: mode=meta_train with {', '.join(LEARNED_OPTIMIZERS)}")
+    _require(dist.num_processes is None or dist.num_processes >= 1,
+             f"distributed.num_processes={dist.num_processes} is not allowed; it must be >= 1 or null (detected)")
+    _require(dist.process_id is None or (dist.num_processes is not None and 0 <= dist.process_id < dist.num_processes),
+             f"distributed.process_id={dist.process_id} is not allowed; it must be in [0, distributed.num_processes"
+             f"={dist.num_processes}) or null (detected)")
+    _require(dist.coordinator_address is None or re.fullmatch(r"[^:\s]+:\d+", dist.coordinator_address),
+             f"distributed.coordinator_address={dist.coordinator_address} is not allowed; it must be host:port "
+             f"or null (detected)")
 
 
 def _validate_partition(cfg) -> None:
@@ -186,7 +216,9 @@ def validate(cfg) -> None:
              f"resume=true is not allowed with mode={cfg.mode}"
              f"{' and a saved aggregator' if cfg.checkpoint or cfg.pretrained else ''}; it continues a meta-training "
              f"(mode=auto or meta_train with a learned optimizer)")
-    if name in LEARNED_OPTIMIZERS and cfg.pes_devices is not None:
+    _validate_distributed(cfg)
+    # With several processes the device count is known only after jax.distributed starts.
+    if name in LEARNED_OPTIMIZERS and cfg.pes_devices is not None and not cfg.distributed.enabled:
         from lagg_pipeline.meta.devices import particle_devices
 
         try:

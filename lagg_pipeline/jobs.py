@@ -256,14 +256,33 @@ def meta_train(cfg, splits, task, aggregator):
     Jobs of one sweep that share a meta-training (they differ only in benchmark keys) take
     turns on a lock beside its checkpoint folder: the first trains, the others reuse its
     export, so no job redoes it or touches another's checkpoints."""
+    from lagg_pipeline.meta.devices import is_leader
+
     name = meta_run_name(cfg)
     directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
+    if not is_leader():
+        return _follow_meta_training(cfg, task, pes_data(cfg, splits), aggregator, directory)
     with exclusive(directory.parent / f".{name}.lock"):
         sweep = sweep_dir()
         reused = _reuse_from_sweep(cfg, splits, directory, sweep) if sweep and not cfg.resume else None
         if reused is not None:
             return reused
         return _meta_train_locked(cfg, splits, task, aggregator, name, directory, sweep)
+
+
+def _follow_meta_training(cfg, task, data, aggregator, directory: Path):
+    """A process other than 0 of a multi-process meta-training: the same steps on its share of
+    the particles. It reads the checkpoint a resume starts from (``checkpoint_dir`` must be on a
+    file system every process sees) and writes nothing: process 0 records and saves."""
+    from lagg_pipeline.checkpoint import CheckpointManager
+    from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
+
+    manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
+    trainer = MetaTrainer(cfg, task, data, aggregator)
+    resume = cfg.resume and manager.latest_step() is not None
+    state = manager.restore_newest_valid(trainer.init())[0] if resume else None
+    state, _ = run_meta_training(trainer, manager, tracking.NullRun(), metadata={}, state=state, progress=False)
+    return state.meta_params, tracking.NullRun()
 
 
 def _reuse_from_sweep(cfg, splits, directory: Path, sweep: str):
@@ -484,6 +503,10 @@ def run_job(cfg):
         from lagg_pipeline.comparison import report_job
 
         return report_job(cfg, output_dir())
+    if cfg.distributed.enabled:
+        from lagg_pipeline.meta.devices import start_distributed
+
+        start_distributed(cfg.distributed)  # before the data reach a device
     splits, task = load_task(cfg)
     if not learned:
         cfg = with_tuned_values(cfg)

@@ -72,6 +72,15 @@ def test_optimizer_arguments_follow_top_level_keys():
     (["optimizer=fedavg", "pretrained=x"], "pretrained=x is not allowed with optimizer=fedavg"),
     (["task=mnist1d_mlp", "task.image_size=8"], "task.image_size=8 is not allowed for mnist1d"),
     (["task=mnist1d_mlp", "task.model=conv"], "task.model=conv is not allowed for mnist1d"),
+    (["optimizer=fedavg", "distributed.enabled=true"],
+     "distributed.enabled=true is not allowed with mode=auto optimizer=fedavg; several processes share a "
+     "meta-training: mode=meta_train with lagg_a"),
+    (["mode=meta_train", "distributed.enabled=true", "distributed.num_processes=2", "distributed.process_id=2"],
+     "distributed.process_id=2 is not allowed; it must be in [0, distributed.num_processes=2)"),
+    (["mode=meta_train", "distributed.enabled=true", "distributed.coordinator_address=localhost"],
+     "distributed.coordinator_address=localhost is not allowed; it must be host:port"),
+    (["mode=meta_train", "distributed.enabled=true", "distributed.num_processes=0"],
+     "distributed.num_processes=0 is not allowed; it must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:

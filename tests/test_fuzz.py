@@ -48,6 +48,8 @@ CASES = [
     ["partition=labels"], ["partition=dirichlet", "partition.num_clients=4"],
     ["partition=dirichlet", "partition.alpha=-1"],
     ["num_outer_steps=5"],  # not more than the warmup of the default schedule
+    ["optimizer=fedavg", "distributed.enabled=true"], ["mode=meta_train", "distributed.enabled=true",
+                                                       "distributed.coordinator_address=localhost"],
     # unknown keys and options
     ["foo=1"], ["num_grad=4"], ["optimizer=fedprox"], ["task=imagenet"], ["H=5"], ["k=7"], ["mode=train"],
     ["schedule=linear"], ["experiment=nope"], ["hparams_search=nope"], ["launcher=nope"], ["tracking=nope"],

@@ -1,8 +1,11 @@
-"""Spreading PES particles over the local devices (GPUs, or CPU devices for tests).
+"""Spreading PES particles over devices: the local ones (GPUs, or CPU devices for tests) and,
+with ``distributed.enabled=true``, those of every process that joined JAX's distributed runtime.
 
 The 2N antithetic members of a truncation are independent until the estimate averages
 them, so their leading axis is split over a one-dimensional ``particles`` mesh; XLA's SPMD
-partitioner runs each device's share and inserts the reductions the estimate needs.
+partitioner runs each device's share and inserts the reductions the estimate needs. Across
+processes every one runs the same program on the same (seeded) inputs; process 0 alone
+writes checkpoints, exports and MLflow records.
 """
 from __future__ import annotations
 
@@ -11,10 +14,33 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
+def start_distributed(distributed_cfg) -> None:
+    """Join JAX's distributed runtime (before any computation); values left null are
+    detected from the cluster environment (SLURM, Open MPI, ...)."""
+    if not distributed_cfg.enabled or jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(coordinator_address=distributed_cfg.coordinator_address,
+                               num_processes=distributed_cfg.num_processes,
+                               process_id=distributed_cfg.process_id)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local, "
+          f"{jax.device_count()} devices in all")
+
+
+def is_leader() -> bool:
+    """The process that writes (checkpoints, exports, MLflow): process 0, or the only one."""
+    return jax.process_index() == 0
+
+
 def particle_devices(requested: int | None, num_members: int) -> int:
-    """How many local devices carry the particles: ``requested``, or (None) the most local
-    devices that divide ``num_members`` evenly."""
-    available = jax.local_device_count()
+    """How many devices carry the particles: ``requested``, or (None) the most devices that
+    divide ``num_members`` evenly. Several processes always use all devices of all of them."""
+    available = jax.device_count()
+    if jax.process_count() > 1:
+        if (requested not in (None, available)) or num_members % available:
+            raise ValueError(f"pes_devices={requested} is not allowed with {jax.process_count()} processes; it must "
+                             f"be null or {available} (every device of every process), and {available} must divide "
+                             f"the 2*num_tasks={num_members} particles")
+        return available
     if requested is not None:
         if not 1 <= requested <= available or num_members % requested:
             raise ValueError(f"pes_devices={requested} is not allowed; it must be between 1 and the {available} "
@@ -24,8 +50,23 @@ def particle_devices(requested: int | None, num_members: int) -> int:
 
 
 def particle_sharding(num_devices: int) -> NamedSharding | None:
-    """Leading-axis sharding over the first ``num_devices`` local devices (None for one device)."""
+    """Leading-axis sharding over the first ``num_devices`` devices (None for one device)."""
     if num_devices == 1:
         return None
-    mesh = Mesh(np.array(jax.local_devices()[:num_devices]), ("particles",))
+    mesh = Mesh(np.array(jax.devices()[:num_devices]), ("particles",))
     return NamedSharding(mesh, PartitionSpec("particles"))
+
+
+def host_copy(tree):
+    """``tree`` as host numpy arrays. With several processes a leaf split over them is gathered
+    first: a collective, so every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def gather(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(gather, tree)

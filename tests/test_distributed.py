@@ -1,0 +1,107 @@
+"""PES over several processes (JAX's distributed runtime, gloo collectives on CPU) gives the
+one-process meta-gradient, and a multi-process meta-training records and writes once.
+
+Every process is a fresh interpreter joined through a coordinator on 127.0.0.1.
+"""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).parent
+
+SCRIPT = textwrap.dedent("""
+    import sys, jax, numpy as np
+    role, port, out, local_devices = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    if role != "single":
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(role))
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+    from lagg_pipeline.meta.devices import host_copy, particle_devices, particle_sharding
+    from lagg_pipeline.meta.pes import PES
+    from test_pes import DATA, linear_task
+
+    assert jax.local_device_count() == local_devices
+    aggregator = LearnedAggregator("lagg_a", num_grads=2, hidden_size=8)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    pes = PES(linear_task(), aggregator, num_tasks=4, trunc_length=6, pes_std=0.01, min_length=3, max_length=8,
+              num_grads=2, num_local_steps=2, local_batch_size=8, local_learning_rate=0.3,
+              particle_sharding=particle_sharding(particle_devices(None, 8)))
+    state = pes.init(theta, jax.random.PRNGKey(1), DATA)
+    estimate = jax.jit(pes.estimate)
+    for k in range(2):  # two truncations, with resets (episodes of 3..8 rounds)
+        grad, state, metrics = estimate(theta, state, jax.random.PRNGKey(2 + k), DATA)
+    leaf = jax.tree.leaves(state.rounds.params)[0]
+    assert len(leaf.sharding.device_set) == jax.device_count(), leaf.sharding
+    grad, rounds, metrics = host_copy((grad, state.rounds, metrics))  # a collective across processes
+    if jax.process_index() == 0:
+        np.savez(out, *jax.tree.leaves(grad), *jax.tree.leaves(rounds), resets=metrics["episode_resets"])
+    print("ok", jax.process_count(), jax.device_count())
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(args, local_devices: int = 1, **popen):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(TESTS),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+def finish(processes, timeout=600) -> list[str]:
+    outputs = []
+    for p in processes:
+        out, _ = p.communicate(timeout=timeout)
+        outputs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("local_devices", [1, 2])
+def test_two_processes_give_the_one_process_meta_gradient(local_devices, tmp_path):
+    port = free_port()
+    single = finish([spawn(["-c", SCRIPT, "single", "0", str(tmp_path / "single.npz"), "1"])])[0]
+    assert single.strip().endswith("ok 1 1")
+    outputs = finish([spawn(["-c", SCRIPT, str(pid), str(port), str(tmp_path / "multi.npz"), str(local_devices)],
+                            local_devices) for pid in (0, 1)])
+    assert all(out.strip().endswith(f"ok 2 {2 * local_devices}") for out in outputs), outputs
+    one, two = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
+    assert float(one["resets"]) > 0
+    assert one.files == two.files
+    for name in one.files:  # the meta-gradient, then every member's weights and optimizer state
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_process_meta_training_from_the_command_line_matches_one_process():
+    from test_e2e import TINY_META, cli, mlflow_runs
+
+    args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "progress=false"]  # 2*num_tasks = 4 particles
+    cli(*args, "checkpoint_dir=single")
+    port = free_port()
+    outputs = finish([spawn(["-m", "lagg_pipeline", *args, "checkpoint_dir=multi", "distributed.enabled=true",
+                             f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                             f"distributed.process_id={pid}"]) for pid in (0, 1)])
+    assert "process 1 of 2: 1 local, 2 devices in all" in outputs[1]
+    assert "meta-parameters:" in outputs[0] and "meta-parameters:" not in outputs[1]  # process 0 exports
+    (single_dir,), (multi_dir,) = ([p for p in Path(d).iterdir() if p.is_dir()] for d in ("single", "multi"))
+    assert single_dir.name == multi_dir.name  # the same meta-training: either resumes the other's checkpoints
+    assert sorted(p.name for p in multi_dir.glob("ckpt_*.npz")) == ["ckpt_00000002.npz", "ckpt_00000004.npz"]
+    one, two = np.load(single_dir / "meta_params.npz"), np.load(multi_dir / "meta_params.npz")
+    assert set(one.files) == set(two.files)
+    for name in one.files:  # 4 AdamW steps of ~1e-2 magnify the reductions' last-bit differences
+        if name != "__metadata__":
+            np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    runs = [r for r in mlflow_runs() if r.data.tags.get("meta_run") == multi_dir.name]
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # one per meta-training, none per follower
+
