@@ -114,6 +114,7 @@ class Config:
     with_fedavg: bool = True  # benchmark (tuned) FedAvg beside a learned optimizer
     tuned: bool = True  # apply conf/tuned_hparams/<task>/<optimizer>.yaml (keys set on the command line win)
     data_dir: Optional[str] = None
+    compile_cache_dir: Optional[str] = "~/.cache/lagg_pipeline/xla"  # XLA's persistent cache; null: off
     progress: bool = True
     # Learned aggregators and meta-training (SPEC 3-4).
     hidden_size: int = 32

@@ -507,6 +507,9 @@ def run_job(cfg):
         from lagg_pipeline.meta.devices import start_distributed
 
         start_distributed(cfg.distributed)  # before the data reach a device
+    from lagg_pipeline import xla_cache
+
+    xla_cache.enable(cfg.compile_cache_dir)
     splits, task = load_task(cfg)
     if not learned:
         cfg = with_tuned_values(cfg)

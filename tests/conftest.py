@@ -1,12 +1,14 @@
-"""Shared test set-up: scratch working directories and a private TFDS data dir."""
+"""Shared test set-up: scratch working directories, a private TFDS data dir and XLA cache."""
 import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _tfds_data_dir(tmp_path_factory):
-    """Embedded datasets are prepared once per session into a private data dir."""
+    """Embedded datasets are prepared once per session into a private data dir; XLA caches likewise."""
     mp = pytest.MonkeyPatch()
     mp.setenv("TFDS_DATA_DIR", str(tmp_path_factory.mktemp("tfds")))
+    # The command lines the tests run share one XLA cache, and never the user's.
+    mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
     yield
     mp.undo()
 
