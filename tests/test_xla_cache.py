@@ -43,5 +43,5 @@ def test_a_second_process_loads_the_compilation(tmp_path):
         return float(out.stdout.split()[-1])
 
     cold = compile_seconds()
-    assert [p.name.startswith("jit_chain") for p in tmp_path.iterdir()] == [True], list(tmp_path.iterdir())
+    assert any(p.name.startswith("jit_chain") for p in tmp_path.iterdir()), list(tmp_path.iterdir())
     assert compile_seconds() < cold / 3
