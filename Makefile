@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast test-slow sweep ui bench tune results results-federated report clean
+.PHONY: help install install-dev run test test-fast test-slow sweep ui bench tune tune-extend results results-federated report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -54,6 +54,13 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 	for task in $(TUNE_TASKS); do for opt in $(BASELINES); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=$$task H=4,8 || exit 1; done; done
 	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist5k_mlp H=4  # the unseen task's reference
+	for opt in $(filter-out fedavg,$(BASELINES)); do \
+		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=mnist5k_mlp H=4 num_runs=1 || exit 1; done
+	$(PY) -m lagg_pipeline mode=select_tuned
+
+tune-extend: install ## sweep one step past each grid edge a tuned choice sits on, select again (repeat until none)
+	$(PY) -m lagg_pipeline.tuning extensions | while read -r overrides; do \
+		$(PY) -m lagg_pipeline --multirun $$overrides || exit 1; done
 	$(PY) -m lagg_pipeline mode=select_tuned
 
 # The README's Results: tuned baselines and the shipped aggregators, 5 seeds x 1000 rounds,

@@ -1,5 +1,9 @@
 """Tuned baselines: choose each hand-designed method's best grid point, record it, reuse it.
 
+A choice on the edge of its grid (a momentum at 0 is not an edge: nothing lies beyond) is
+recorded with the sweep that tries one step past it; ``make tune-extend`` runs those and
+selects again.
+
 A grid recipe (``conf/hparams_search/<optimizer>.yaml``) sweeps a method's keys into the
 MLflow experiment ``tuning``. :func:`select` picks, per (task, optimizer, H, K), the grid
 point with the lowest outer-valid loss at the last round (mean over seeds; the test split
@@ -17,18 +21,22 @@ from omegaconf import OmegaConf
 
 TUNED_ROOT = "tuned_hparams"  # under the config package (not "tuned": that is a config key)
 SELECTION_METRIC = "final_outer_valid_loss"
+MOMENTA = ("optimizer.momentum", "beta")  # in [0, 1): 0 ends the method's range, not the grid's
 
 
 def entry_name(num_local_steps: int, num_grads: int) -> str:
     return f"H{num_local_steps}_K{num_grads}"
 
 
+def _recipe(optimizer: str):
+    recipe = resources.files("lagg_pipeline.conf").joinpath("hparams_search", f"{optimizer}.yaml")
+    return OmegaConf.create(recipe.read_text()) if recipe.is_file() else None
+
+
 def grid_keys(optimizer: str) -> list[str]:
     """The keys the optimizer's grid recipe sweeps (the keys its tuning chooses)."""
-    recipe = resources.files("lagg_pipeline.conf").joinpath("hparams_search", f"{optimizer}.yaml")
-    if not recipe.is_file():
-        return []
-    return list(OmegaConf.create(recipe.read_text()).hydra.sweeper.params)
+    recipe = _recipe(optimizer)
+    return [] if recipe is None else list(recipe.hydra.sweeper.params)
 
 
 def tuned_root() -> Path:
@@ -88,11 +96,16 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
         score, best = min(scored, key=lambda pair: pair[0])
         values = {key: _typed(best.data.params[key]) for key in keys}
         tried = {key: sorted({_typed(r.data.params[key]) for r in members}) for key in keys}
-        edges = [key for key in keys if len(tried[key]) > 1 and values[key] in (tried[key][0], tried[key][-1])]
+        beyond = {key: beyond_edge(key, values[key], tried[key]) for key in keys}
+        edges = [key for key in keys if beyond[key] is not None]
         parents = sorted({r.data.tags["mlflow.parentRunId"] for r in members})
         sweeps = sorted({client.get_run(p).data.params.get("sweep_overrides", "?") for p in parents})
+        recipe = _recipe(optimizer)  # an extension keeps the budget the grid ran with
+        extra = [f"{key}={best.data.params[key]}" for key in ("num_runs", "num_rounds")
+                 if key in best.data.params and _typed(best.data.params[key]) != recipe[key]]
         entry = {"values": values, "outer_valid_loss": float(score), "grid_points": len(members),
                  "diverged_points": len(members) - len(scored), "grid": tried, "on_grid_edge": edges,
+                 "extend": [extension(optimizer, task, h, k, values, key, beyond[key], extra) for key in edges],
                  "seeds": int(best.data.params.get("num_runs", 0)), "rounds": int(best.data.params.get("num_rounds", 0)),
                  "sweep": [f"python -m lagg_pipeline --multirun {s}" for s in sweeps],
                  "mlflow": {"experiment": experiment_name, "parent_runs": parents, "best_run": best.info.run_id},
@@ -106,9 +119,36 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
                   f"# conf/hparams_search/{path.stem}.yaml with the lowest outer-valid loss at the last round\n"
                   f"# (mean over seeds; the test split is never read), written by `python -m lagg_pipeline\n"
                   f"# mode=select_tuned`. Applied when tuned=true (the default) unless the command line sets\n"
-                  f"# the key. `sweep` is the command that produced the grid.\n")
+                  f"# the key. `sweep` is the command that produced the grid; `extend` the overrides of the\n"
+                  f"# sweeps one step past a grid edge the choice sits on (`make tune-extend` runs them).\n")
         path.write_text(header + OmegaConf.to_yaml(OmegaConf.create({**existing, **entries})))
     return sorted(written)
+
+
+def beyond_edge(key: str, best, tried: list):
+    """The next value past the grid's edge when ``best`` sits on it, else None: learning rates
+    step by 3x, momenta halve their distance to 0 or divide their distance to 1 by 10."""
+    if len(tried) < 2 or best not in (tried[0], tried[-1]):
+        return None
+    upward = best == tried[-1]
+    if key in MOMENTA:
+        if not upward:
+            return None if best == 0 else 0.0 if best <= 0.25 else round(best / 2, 4)
+        return round(1 - (1 - best) / 10, 6)
+    return float(f"{best * 3 if upward else best / 3:.3g}")
+
+
+def extension(optimizer: str, task: str, h: int, k: int, values: dict, key: str, value, extra: list[str]) -> str:
+    """The sweep that tries one step past the edge along ``key``, the other keys at their best."""
+    fixed = [f"{name}={value if name == key else best}" for name, best in values.items()]
+    return " ".join([f"hparams_search={optimizer}", f"task={task}", f"H={h}", f"k={k}", *fixed, *extra])
+
+
+def extension_sweeps(root: Path | None = None) -> list[str]:
+    """Every recorded extension sweep (overrides for ``python -m lagg_pipeline --multirun``)."""
+    root = root or tuned_root()
+    return [line for path in sorted(root.glob("*/*.yaml"))
+            for entry in OmegaConf.to_container(OmegaConf.load(path)).values() for line in entry.get("extend", [])]
 
 
 def _typed(text: str):
@@ -119,3 +159,11 @@ def _typed(text: str):
         except ValueError:
             pass
     return text
+
+
+if __name__ == "__main__":  # `python -m lagg_pipeline.tuning extensions`: what `make tune-extend` runs
+    import sys
+
+    if sys.argv[1:] != ["extensions"]:
+        sys.exit("usage: python -m lagg_pipeline.tuning extensions")
+    print("\n".join(extension_sweeps()))

@@ -66,6 +66,27 @@ def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
     assert entry["mlflow"]["parent_runs"] == [parent.run_id]
 
 
+def test_a_choice_on_the_grid_edge_records_the_sweep_one_step_past_it(tmp_path):
+    parent = tracking.start_run(tracking_cfg("tuning"), "sweep", {"sweep": "parent"})
+    parent.log_params({"sweep_overrides": "hparams_search=fedavgm H=8"})
+    train = np.full((1, 30), 0.3)
+    for lr, momentum, ov in ((0.5, 0.0, 0.3), (2.0, 0.0, 0.1), (2.0, 0.9, 0.2), (0.5, 0.9, 0.4)):
+        log_run("tuning", "fedavgm", fake_result("fedavgm", train, np.full((1, 3), ov)), H=8, parent=parent.run_id,
+                params={"local_learning_rate": lr, "optimizer.server_learning_rate": 1.0, "optimizer.momentum": momentum})
+    client, _ = tracking.client(tracking_cfg("tuning"))
+    (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
+    entry = OmegaConf.to_container(OmegaConf.load(path))["H8_K8"]
+    assert entry["values"] == {"local_learning_rate": 2.0, "optimizer.server_learning_rate": 1.0,
+                               "optimizer.momentum": 0.0}
+    assert entry["on_grid_edge"] == ["local_learning_rate"]  # momentum 0 ends the method's range; one server lr
+    assert entry["extend"] == ["hparams_search=fedavgm task=digits_mlp H=8 k=8 local_learning_rate=6.0 "
+                               "optimizer.server_learning_rate=1.0 optimizer.momentum=0.0 num_runs=1 num_rounds=30"]
+    assert tuning.extension_sweeps(tmp_path / "tuned") == entry["extend"]
+    assert [tuning.beyond_edge("optimizer.momentum", 0.9, [0.0, 0.9]), tuning.beyond_edge("beta", 0.5, [0.5, 0.9]),
+            tuning.beyond_edge("local_learning_rate", 0.1, [0.1, 1.0]),
+            tuning.beyond_edge("local_learning_rate", 0.5, [0.1, 0.5, 1.0])] == [0.99, 0.25, 0.0333, None]
+
+
 def test_tuned_values_apply_unless_the_command_line_sets_them(tmp_path, monkeypatch):
     root = tmp_path / "tuned"
     (root / "digits_mlp").mkdir(parents=True)
