@@ -337,7 +337,8 @@ def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path
         exported = save_params(out / "meta_params.npz", state.meta_params,
                                meta_params_metadata(cfg, outer_steps=int(state.outer_step), meta_run=name,
                                                     command=command_line(), meta_train_seconds=seconds,
-                                                    sweep_dir=sweep, mlflow_run_id=run.run_id))
+                                                    sweep_dir=sweep, mlflow_run_id=run.run_id,
+                                                    **tracking.git_info()))
         shutil.copy(exported, directory / "meta_params.npz")
         run.log_artifact(exported, "meta_params")
         if history:

@@ -235,11 +235,11 @@ def test_pes_matches_the_spec_over_two_truncations_with_resets():
         return grad, st, captured["out"], captured["meta_2N"]
 
     def eps_of(key):
-        """eps as estimate draws it: one key per leaf of theta, N(0, sigma^2) of shape [N, ...]."""
+        """eps as estimate draws it: N(0, sigma^2) of shape [N, all parameters], cut in leaf order."""
         leaves, treedef = jax.tree.flatten(theta)
-        keys = jax.random.split(key, len(leaves))
-        return treedef.unflatten([sigma * jax.random.normal(k, (n, *p.shape), p.dtype)
-                                  for k, p in zip(keys, leaves)])
+        flat = np.asarray(sigma * jax.random.normal(key, (n, sum(p.size for p in leaves))))
+        bounds = np.cumsum([0] + [p.size for p in leaves])
+        return treedef.unflatten([flat[:, a:b].reshape(n, *p.shape) for a, b, p in zip(bounds, bounds[1:], leaves)])
 
     xi = _flat(xi0_tree, n)
     theta_flat = _flat(jax.tree.map(lambda p: p[None], theta), 1)

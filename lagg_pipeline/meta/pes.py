@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lagg_pipeline.config import META_LOSS_SPLITS
 from lagg_pipeline.data import Split, sample_batch
@@ -144,12 +145,18 @@ class PES:
         finished = jnp.cumsum(is_reset, axis=0) > 0
         return state._replace(rounds=rounds, episode=episode, key=key), Truncation(loss, mask, finished, step_size)
 
+    def perturbations(self, meta_params, key) -> MetaParams:
+        """eps, leaves [N, ...] ~ N(0, std^2): one draw of [N, total size] cut into the leaves in
+        tree order. One random-bits kernel, not one per leaf: each costs a second of compile."""
+        leaves, treedef = jax.tree.flatten(meta_params)
+        sizes = [p.size for p in leaves]
+        flat_NxP = self.std * jax.random.normal(key, (self.num_tasks, sum(sizes)), jnp.result_type(*leaves))
+        parts = jnp.split(flat_NxP, np.cumsum(sizes)[:-1], axis=1)
+        return treedef.unflatten([part.reshape(self.num_tasks, *p.shape) for part, p in zip(parts, leaves)])
+
     def estimate(self, meta_params, state: PESState, key, data: PESData) -> tuple[MetaParams, PESState, dict]:
         """One truncation: (PES gradient estimate, next state, metrics)."""
-        leaves, treedef = jax.tree.flatten(meta_params)
-        keys = jax.random.split(key, len(leaves))
-        eps_N = treedef.unflatten([self.std * jax.random.normal(k, (self.num_tasks, *p.shape), p.dtype)
-                                   for k, p in zip(keys, leaves)])
+        eps_N = self.perturbations(meta_params, key)
         meta_2N = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), meta_params, eps_N)
         state, out = self.unroll(meta_2N, state, data)
 
