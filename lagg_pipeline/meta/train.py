@@ -162,8 +162,8 @@ def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run,
                     flush()  # MLflow then holds every step a resume will not redo
                     run.log_artifact(path, "checkpoints")
                 if sigterm.is_set() and outer_step < cfg.num_outer_steps:
-                    raise Preempted(f"SIGTERM at outer step {outer_step}: checkpoint {checkpoints.path(outer_step)} written; "
-                                    f"continue with resume=true")
+                    raise Preempted(f"SIGTERM at outer step {outer_step}: checkpoint {checkpoints.path(outer_step)} "
+                                    f"written; continue with resume=true")
             elif outer_step % _LOG_EVERY == 0:
                 flush()
     flush()
