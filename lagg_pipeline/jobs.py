@@ -505,9 +505,13 @@ def run_job(cfg):
 
         return report_job(cfg, output_dir())
     if cfg.distributed.enabled:
-        from lagg_pipeline.meta.devices import start_distributed
+        from lagg_pipeline.meta.devices import particle_devices, start_distributed
 
         start_distributed(cfg.distributed)  # before the data reach a device
+        try:  # the device count is known only now
+            particle_devices(cfg.pes_devices, 2 * cfg.num_tasks)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     from lagg_pipeline import xla_cache
 
     xla_cache.enable(cfg.compile_cache_dir)
