@@ -56,6 +56,8 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist5k_mlp H=4  # the unseen task's reference
 	for opt in $(filter-out fedavg,$(BASELINES)); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=mnist5k_mlp H=4 num_runs=1 || exit 1; done
+	for opt in $(BASELINES); do \
+		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=mnist5k_mlp H=8 num_runs=1 || exit 1; done
 	$(PY) -m lagg_pipeline mode=select_tuned
 
 tune-extend: install ## sweep one step past each grid edge a tuned choice sits on, select again (repeat until none)
