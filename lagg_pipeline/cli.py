@@ -14,6 +14,7 @@ from importlib import resources
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.types import ValueType
 from omegaconf import OmegaConf
 
 from lagg_pipeline import config as config_module
@@ -22,6 +23,7 @@ from lagg_pipeline.config import SHORTHANDS, Config, ConfigError, validate
 CONFIG_MODULE = "lagg_pipeline.conf"
 _VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
                 "-cd", "--config-dir", "-sc", "--shell-completion", "--experimental-rerun"}
+PLUGIN_EXTRAS = {"launcher": "launchers", "sweeper": "optuna"}  # setup.cfg extras that bring Hydra plugins
 _INFO_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion"}
 
 
@@ -75,8 +77,7 @@ def schema_keys(node=Config, prefix: str = "") -> list[str]:
 def _diagnose(override, groups: dict[str, list[str]], keys: list[str]) -> None:
     """Raise the one-line ConfigError that explains why Hydra refused ``override``."""
     key = override.key_or_group
-    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
-        override.value() if isinstance(override.value(), str) else override.get_value_element_as_str()]
+    values = _values(override)
     if key in groups:
         for value in values:
             if value not in groups[key] and value != "null":
@@ -96,14 +97,23 @@ def _diagnose(override, groups: dict[str, list[str]], keys: list[str]) -> None:
             raise ConfigError(f"{key}={value} is not allowed: {str(err).splitlines()[0]}") from None
 
 
+def _values(override) -> list[str]:
+    """The values an override can take. A continuous interval (Optuna's search space) is
+    checked at its two ends: the only values a sampler can reach that a type check could refuse."""
+    if override.value_type == ValueType.INTERVAL_SWEEP:
+        return [str(override.value().start), str(override.value().end)]
+    if override.is_sweep_override():
+        return list(override.sweep_string_iterator())
+    return [override.value() if isinstance(override.value(), str) else override.get_value_element_as_str()]
+
+
 def _variants(parsed) -> list[list[str]]:
     """The base job (first value of every sweep) and each sweep value changed alone."""
 
     def line(o, value):
         return f"{o.get_key_element()}={value}"
 
-    choices = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-               if not o.is_delete() else [None] for o in parsed]
+    choices = [_values(o) if not o.is_delete() else [None] for o in parsed]
     base = [c[0] for c in choices]
 
     def render(values):
@@ -150,6 +160,11 @@ def preflight(overrides: list[str]):
                 for o in parsed:
                     _diagnose(o, groups, keys)
                 messages = [line for line in str(err).splitlines() if line.strip()]
+                missing = re.search(r"Could not find 'hydra/(launcher|sweeper)/(\w+)'", str(err))
+                if missing:
+                    group, plugin = missing.groups()
+                    raise ConfigError(f"{group}={plugin} needs a Hydra plugin that is not installed: "
+                                      f"pip install '.[{PLUGIN_EXTRAS[group]}]'") from None
                 raise ConfigError(messages[0] if messages else type(err).__name__) from None
             validate(cfg)
             check_optimizer(cfg)

@@ -296,6 +296,25 @@ def test_tune_select_apply_and_report(tmp_path):
     assert "(rep/digits_mlp_K8_H4_R20.png)" in Path("README.md").read_text()
 
 
+def test_optuna_sweep_minimises_the_outer_valid_loss_over_an_interval():
+    cli("--multirun", "sweeper=optuna", "hydra.sweeper.n_trials=3", "optimizer=fedavg", "num_runs=1",
+        "num_rounds=10", "eval_every=5", "local_learning_rate=tag(log, interval(0.05, 2.0))")
+    import mlflow
+    from omegaconf import OmegaConf
+
+    mlflow.set_tracking_uri(f"sqlite:///{Path('outputs/mlflow.db').resolve()}")
+    runs = mlflow.search_runs(experiment_names=["tuning_optuna"], output_format="list")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(trials) == 3 and len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    rates = [float(r.data.params["local_learning_rate"]) for r in trials]
+    assert all(0.05 <= g <= 2.0 for g in rates) and len(set(rates)) == 3  # sampled, not a grid
+    (result,) = Path("outputs/multirun").rglob("optimization_results.yaml")
+    best = OmegaConf.load(result)
+    final = {float(r.data.params["local_learning_rate"]): r.data.metrics["final_outer_valid_loss"] for r in trials}
+    assert best.best_value == pytest.approx(min(final.values()), rel=1e-6)
+    assert final[best.best_params.local_learning_rate] == pytest.approx(best.best_value, rel=1e-6)
+
+
 def test_shipped_aggregator_benchmarks_under_its_own_name():
     from lagg_pipeline import pretrained
 
