@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast test-slow sweep ui bench tune tune-extend results results-federated report clean
+.PHONY: help install install-dev run test test-fast test-slow sweep ui bench tune tune-extend tune-federated results results-federated report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -58,7 +58,7 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=mnist5k_mlp H=4 num_runs=1 || exit 1; done
 	for opt in $(BASELINES); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=mnist5k_mlp H=8 num_runs=1 || exit 1; done
-	$(PY) -m lagg_pipeline mode=select_tuned
+	$(MAKE) tune-federated
 
 tune-extend: install ## sweep one step past each grid edge a tuned choice sits on, select again (repeat until none)
 	$(PY) -m lagg_pipeline.tuning extensions | while read -r overrides; do \
@@ -81,19 +81,25 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 		pretrained=mnist1d_k8_h4_ov,mnist1d_k8_h4,mnist1d_k8_h4_dirichlet,mnist1d_k8_h4_avg_ov,mnist1d_k8_h8
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist1d_mlp pretrained=mnist1d_k8_h4,mnist1d_k8_h8 \
 		$(SHIPPED_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=mnist5k_mlp H=4 \
+	$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=mnist5k_mlp H=4,8 \
 		$(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(SHIPPED_ARGS) \
-		pretrained=digits_k8_h4,mnist1d_k8_h4,digits_k8_h4_avg_ov
-	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist5k_mlp pretrained=digits_k8_h4_avg,mnist1d_k8_h4 \
-		$(SHIPPED_ARGS)
+		pretrained=digits_k8_h4,mnist1d_k8_h4,digits_k8_h4_avg_ov,digits_k8_h8,mnist1d_k8_h8
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist5k_mlp $(SHIPPED_ARGS) \
+		pretrained=digits_k8_h4_avg,mnist1d_k8_h4,digits_k8_h8_avg,mnist1d_k8_h8
 	$(MAKE) results-federated
 
 # Heterogeneous clients (README "Heterogeneous clients"): MNIST-1D over 64 clients with
-# Dirichlet(0.1) and Dirichlet(1.0) label skew, 8 per round, H=4; baselines at their i.i.d.-tuned values.
+# Dirichlet(0.1) and Dirichlet(1.0) label skew, 8 per round, H=4; baselines tuned over those same clients.
+FED_BASELINES := fedavg fedavgm fedadam diloco
 FED_ARGS := task=mnist1d_mlp H=4 partition=dirichlet partition.num_clients=64 partition.alpha=0.1,1.0
+tune-federated: install ## tune the heterogeneous-clients baselines over those same clients, then select
+	for opt in $(FED_BASELINES); do \
+		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt $(FED_ARGS) || exit 1; done
+	$(PY) -m lagg_pipeline mode=select_tuned
+
 results-federated: install ## the heterogeneous-clients comparison (MNIST-1D, Dirichlet 0.1 and 1.0), then `make report`
-	$(PY) -m lagg_pipeline --multirun optimizer=fedavg,fedavgm,fedadam,diloco $(FED_ARGS) $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(FED_BASELINES)) $(FED_ARGS) $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a pretrained=mnist1d_k8_h4,mnist1d_k8_h4_dirichlet \
 		$(FED_ARGS) $(SHIPPED_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a pretrained=mnist1d_k8_h4 $(FED_ARGS) $(SHIPPED_ARGS)

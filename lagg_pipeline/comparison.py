@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lagg_pipeline.config import HAND_OPTIMIZERS
+from lagg_pipeline.config import HAND_OPTIMIZERS, partition_slug
 from lagg_pipeline.report import CHECKPOINT_ROUNDS, LOSS_FLOOR, TRAIN_TAIL, floored
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -196,14 +196,6 @@ def plot_group(curves: list[Curves], title: str, path: Path) -> Path:
     return path
 
 
-def _file_suffix(partition: str) -> str:
-    """"dirichlet(alpha=0.1, M=64)" -> "_dirichlet_alpha0.1_M64"; nothing for iid."""
-    if partition == "iid":
-        return ""
-    return "_" + "_".join("".join(ch for ch in part if ch.isalnum() or ch in ".")
-                          for part in partition.replace("(", " ").split())
-
-
 def markdown(groups: dict[tuple, list[Curves]], out: Path, image_prefix: str = "") -> str:
     """The report's markdown, with one plot per group written into ``out``."""
     parts = []
@@ -212,7 +204,7 @@ def markdown(groups: dict[tuple, list[Curves]], out: Path, image_prefix: str = "
         clients = "" if partition == "iid" else f", clients: {partition}"
         title = f"{task}, K={k}, H={h}{clients}: {rounds} rounds, {'/'.join(map(str, seeds))} seeds"
         header, table, numbers = rows(curves)
-        image = plot_group(curves, title, out / f"{task}_K{k}_H{h}_R{rounds}{_file_suffix(partition)}.png")
+        image = plot_group(curves, title, out / f"{task}_K{k}_H{h}_R{rounds}{partition_slug(partition)}.png")
         parts += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                   *("| " + " | ".join(row) + " |" for row in table), "", *verdict(numbers, rounds), "",
                   f"![{title}]({image_prefix}{image.name})", ""]

@@ -67,6 +67,14 @@ def partition_label(partition) -> str:
     return "iid"
 
 
+def partition_slug(label: str) -> str:
+    """"dirichlet(alpha=0.1, M=64)" -> "_dirichlet_alpha0.1_M64"; nothing for iid (file and entry names)."""
+    if label == "iid":
+        return ""
+    return "_" + "_".join("".join(ch for ch in part if ch.isalnum() or ch in ".")
+                          for part in label.replace("(", " ").split())
+
+
 @dataclass
 class DistributedConfig:
     """Meta-training over several processes (hosts) with JAX's own runtime

@@ -566,9 +566,13 @@ def with_tuned_values(cfg):
 
     if not cfg.tuned:
         return cfg
-    cfg, applied = tuning.apply(cfg, command_line_keys(), root=Path(cfg.tuned_dir) if cfg.tuned_dir else None)
+    cfg, applied, tuned_over = tuning.apply(cfg, command_line_keys(),
+                                            root=Path(cfg.tuned_dir) if cfg.tuned_dir else None)
     if applied:
-        print(f"{cfg.optimizer.name}: tuned values for {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads} "
+        clients = partition_label(cfg.partition)
+        where = "" if clients == "iid" else (f" over clients {clients}" if tuned_over == clients else
+                                             f" on i.i.d. data (none tuned over clients {clients})")
+        print(f"{cfg.optimizer.name}: tuned values for {cfg.task.name} H={cfg.num_local_steps} K={cfg.num_grads}{where} "
               f"(conf/tuned_hparams; tuned=false turns them off): " + ", ".join(f"{k}={v}" for k, v in applied.items()))
     return cfg
 

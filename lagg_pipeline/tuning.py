@@ -5,11 +5,12 @@ recorded with the sweep that tries one step past it; ``make tune-extend`` runs t
 selects again.
 
 A grid recipe (``conf/hparams_search/<optimizer>.yaml``) sweeps a method's keys into the
-MLflow experiment ``tuning``. :func:`select` picks, per (task, optimizer, H, K), the grid
+MLflow experiment ``tuning``. :func:`select` picks, per (task, optimizer, H, K, clients), the grid
 point with the lowest outer-valid loss at the last round (mean over seeds; the test split
 is never read) and writes it with the sweep that chose it to
 ``conf/tuned_hparams/<task>/<optimizer>.yaml``. Jobs then apply those values (``tuned=true``, the
-default) unless the command line sets the key.
+default) unless the command line sets the key. A job over clients (partition=dirichlet, ...)
+uses the values tuned over those same clients when a grid ran there, else the i.i.d. ones.
 """
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lagg_pipeline.config import partition_label, partition_slug
+
 TUNED_ROOT = "tuned_hparams"  # under the config package (not "tuned": that is a config key)
 SELECTION_METRIC = "final_outer_valid_loss"
 MOMENTA = ("optimizer.momentum", "beta")  # in [0, 1): 0 ends the method's range, not the grid's
 
 
-def entry_name(num_local_steps: int, num_grads: int) -> str:
-    return f"H{num_local_steps}_K{num_grads}"
+def entry_name(num_local_steps: int, num_grads: int, partition: str = "iid") -> str:
+    """"H4_K8" for i.i.d. data; "H4_K8_dirichlet_alpha0.1_M64" over clients."""
+    return f"H{num_local_steps}_K{num_grads}{partition_slug(partition)}"
 
 
 def _recipe(optimizer: str):
@@ -48,32 +52,40 @@ def tuned_file(task: str, optimizer: str, root: Path | None = None) -> Path:
     return (root or tuned_root()) / task / f"{optimizer}.yaml"
 
 
-def lookup(task: str, optimizer: str, num_local_steps: int, num_grads: int, root: Path | None = None) -> dict | None:
-    """The recorded choice for this setting: {"values": {key: value}, ...}, or None."""
+def lookup(task: str, optimizer: str, num_local_steps: int, num_grads: int, root: Path | None = None,
+           partition: str = "iid") -> dict | None:
+    """The recorded choice for this setting: {"values": {key: value}, "partition": the data it
+    was tuned on, ...}, or None. Over clients without a grid of their own, the i.i.d. choice."""
     path = tuned_file(task, optimizer, root)
     if not path.is_file():
         return None
-    entry = OmegaConf.load(path).get(entry_name(num_local_steps, num_grads))
-    return None if entry is None else OmegaConf.to_container(entry)
+    entries = OmegaConf.load(path)
+    for tuned_over in dict.fromkeys([partition, "iid"]):
+        entry = entries.get(entry_name(num_local_steps, num_grads, tuned_over))
+        if entry is not None:
+            return {**OmegaConf.to_container(entry), "partition": tuned_over}
+    return None
 
 
 def apply(cfg, given: set[str], root: Path | None = None):
-    """cfg with the tuned values of its task, optimizer, H and K, except keys in ``given``
-    (those the command line set); returns (cfg, {key: value} applied)."""
-    entry = lookup(cfg.task.name, cfg.optimizer.name, cfg.num_local_steps, cfg.num_grads, root)
+    """cfg with the tuned values of its task, optimizer, H, K and clients, except keys in
+    ``given`` (those the command line set); returns (cfg, {key: value} applied, the partition
+    label the values were tuned on)."""
+    entry = lookup(cfg.task.name, cfg.optimizer.name, cfg.num_local_steps, cfg.num_grads, root,
+                   partition_label(cfg.partition))
     if entry is None:
-        return cfg, {}
+        return cfg, {}, None
     values = {k: v for k, v in entry["values"].items() if k not in given and OmegaConf.select(cfg, k) != v}
     if not values:
-        return cfg, {}
+        return cfg, {}, entry["partition"]
     cfg = cfg.copy()
     for key, value in values.items():
         OmegaConf.update(cfg, key, value)
-    return cfg, values
+    return cfg, values, entry["partition"]
 
 
 def select(client, experiment_name: str, out_root: Path) -> list[Path]:
-    """Write the best grid point of every (task, optimizer, H, K) swept in ``experiment_name``."""
+    """Write the best grid point of every (task, optimizer, H, K, clients) swept in ``experiment_name``."""
     from lagg_pipeline.config import HAND_OPTIMIZERS
 
     experiment = client.get_experiment_by_name(experiment_name)
@@ -83,12 +95,11 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
     groups: dict[tuple, list] = {}
     for run in runs:
         tags = run.data.tags
-        # Tuned values are i.i.d. ones: grid points run over clients (partition=...) are not mixed in.
-        if (tags.get("optimizer") in HAND_OPTIMIZERS and "mlflow.parentRunId" in tags
-                and tags.get("partition", "iid") == "iid"):
-            groups.setdefault((tags["task"], tags["optimizer"], int(tags["H"]), int(tags["K"])), []).append(run)
+        if tags.get("optimizer") in HAND_OPTIMIZERS and "mlflow.parentRunId" in tags:
+            key = (tags["task"], tags["optimizer"], int(tags["H"]), int(tags["K"]), tags.get("partition", "iid"))
+            groups.setdefault(key, []).append(run)
     written = {}
-    for (task, optimizer, h, k), members in sorted(groups.items()):
+    for (task, optimizer, h, k, partition), members in sorted(groups.items()):
         keys = grid_keys(optimizer)
         scored = [(r.data.metrics[SELECTION_METRIC], r) for r in members if SELECTION_METRIC in r.data.metrics]
         if not scored or not keys:
@@ -103,6 +114,7 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
         recipe = _recipe(optimizer)  # an extension keeps the budget the grid ran with
         extra = [f"{key}={best.data.params[key]}" for key in ("num_runs", "num_rounds")
                  if key in best.data.params and _typed(best.data.params[key]) != recipe[key]]
+        extra += partition_overrides(best.data.params) if partition != "iid" else []
         entry = {"values": values, "outer_valid_loss": float(score), "grid_points": len(members),
                  "diverged_points": len(members) - len(scored), "grid": tried, "on_grid_edge": edges,
                  "extend": [extension(optimizer, task, h, k, values, key, beyond[key], extra) for key in edges],
@@ -111,7 +123,9 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
                  "mlflow": {"experiment": experiment_name, "parent_runs": parents, "best_run": best.info.run_id},
                  "selected": time.strftime("%Y-%m-%d")}
         path = out_root / task / f"{optimizer}.yaml"
-        written.setdefault(path, {})[entry_name(h, k)] = entry
+        if partition != "iid":
+            entry["clients"] = partition
+        written.setdefault(path, {})[entry_name(h, k, partition)] = entry
     for path, entries in written.items():
         existing = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +156,12 @@ def extension(optimizer: str, task: str, h: int, k: int, values: dict, key: str,
     """The sweep that tries one step past the edge along ``key``, the other keys at their best."""
     fixed = [f"{name}={value if name == key else best}" for name, best in values.items()]
     return " ".join([f"hparams_search={optimizer}", f"task={task}", f"H={h}", f"k={k}", *fixed, *extra])
+
+
+def partition_overrides(params: dict) -> list[str]:
+    """The overrides that rebuild a run's clients from its MLflow params (partition.*)."""
+    return [f"partition={params['partition.name']}"] + sorted(
+        f"{key}={value}" for key, value in params.items() if key.startswith("partition.") and key != "partition.name")
 
 
 def extension_sweeps(root: Path | None = None) -> list[str]:

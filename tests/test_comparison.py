@@ -50,14 +50,22 @@ def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
     diverged[:, 5:] = np.nan
     log_run("tuning", "fedavg", fake_result("fedavg", diverged, np.full((2, 3), np.nan)),
             params={"local_learning_rate": 2.0}, parent=parent.run_id)
-    # a run outside any sweep (no parent) is not a grid point, nor is one over non-i.i.d. clients
-    log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), 0.01)),
-            params={"local_learning_rate": 3.0}, parent=parent.run_id, partition="dirichlet(alpha=0.1, M=64)")
+    # grid points over non-i.i.d. clients are their own choice; a run outside any sweep (no parent) is none
+    clients = {"partition.name": "dirichlet", "partition.alpha": 0.1, "partition.num_clients": 64}
+    for lr, ov in ((1.0, 0.3), (3.0, 0.01)):
+        log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), ov)), parent=parent.run_id,
+                params={"local_learning_rate": lr, **clients}, partition="dirichlet(alpha=0.1, M=64)")
     log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), 0.01)), params={"local_learning_rate": 9.0})
     client, _ = tracking.client(tracking_cfg("tuning"))
     (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
     assert path == tmp_path / "tuned" / "digits_mlp" / "fedavg.yaml"
-    entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
+    entries = OmegaConf.to_container(OmegaConf.load(path))
+    assert sorted(entries) == ["H4_K8", "H4_K8_dirichlet_alpha0.1_M64"]
+    skewed = entries["H4_K8_dirichlet_alpha0.1_M64"]
+    assert skewed["values"] == {"local_learning_rate": 3.0} and skewed["clients"] == "dirichlet(alpha=0.1, M=64)"
+    assert skewed["extend"] == ["hparams_search=fedavg task=digits_mlp H=4 k=8 local_learning_rate=9.0 num_rounds=30 "
+                                "partition=dirichlet partition.alpha=0.1 partition.num_clients=64"]
+    entry = entries["H4_K8"]
     assert entry["values"] == {"local_learning_rate": 0.5}
     assert entry["outer_valid_loss"] == pytest.approx(0.2)
     assert entry["grid_points"] == 4 and entry["diverged_points"] == 1
@@ -94,14 +102,32 @@ def test_tuned_values_apply_unless_the_command_line_sets_them(tmp_path, monkeypa
         "H4_K8:\n  values: {local_learning_rate: 0.3, optimizer.momentum: 0.5}\n")
     monkeypatch.setattr(tuning, "tuned_root", lambda: root)  # the default root, as jobs read it
     cfg = OmegaConf.create({"task": {"name": "digits_mlp"}, "optimizer": {"name": "fedavgm", "momentum": 0.9},
-                            "num_local_steps": 4, "num_grads": 8, "local_learning_rate": 0.5})
-    tuned, applied = tuning.apply(cfg, given=set())
-    assert applied == {"local_learning_rate": 0.3, "optimizer.momentum": 0.5}
+                            "num_local_steps": 4, "num_grads": 8, "local_learning_rate": 0.5,
+                            "partition": {"name": "iid"}})
+    tuned, applied, tuned_over = tuning.apply(cfg, given=set())
+    assert applied == {"local_learning_rate": 0.3, "optimizer.momentum": 0.5} and tuned_over == "iid"
     assert (tuned.local_learning_rate, tuned.optimizer.momentum) == (0.3, 0.5) and cfg.local_learning_rate == 0.5
-    tuned, applied = tuning.apply(cfg, given={"local_learning_rate"})
+    tuned, applied, _ = tuning.apply(cfg, given={"local_learning_rate"})
     assert applied == {"optimizer.momentum": 0.5} and tuned.local_learning_rate == 0.5
     cfg.num_local_steps = 8  # no entry for H=8: nothing changes
-    assert tuning.apply(cfg, given=set()) == (cfg, {})
+    assert tuning.apply(cfg, given=set()) == (cfg, {}, None)
+
+
+def test_clients_use_values_tuned_over_them_else_the_iid_ones(tmp_path, monkeypatch):
+    root = tmp_path / "tuned"
+    (root / "mnist1d_mlp").mkdir(parents=True)
+    (root / "mnist1d_mlp" / "fedavg.yaml").write_text(
+        "H4_K8:\n  values: {local_learning_rate: 0.3}\n"
+        "H4_K8_dirichlet_alpha0.1_M64:\n  values: {local_learning_rate: 1.0}\n")
+    monkeypatch.setattr(tuning, "tuned_root", lambda: root)
+    cfg = OmegaConf.create({"task": {"name": "mnist1d_mlp"}, "optimizer": {"name": "fedavg"}, "num_local_steps": 4,
+                            "num_grads": 8, "local_learning_rate": 0.5,
+                            "partition": {"name": "dirichlet", "alpha": 0.1, "num_clients": 64}})
+    assert tuning.apply(cfg, given=set())[1:] == ({"local_learning_rate": 1.0}, "dirichlet(alpha=0.1, M=64)")
+    cfg.partition.alpha = 1.0  # no grid over these clients: the i.i.d. choice, said so
+    assert tuning.apply(cfg, given=set())[1:] == ({"local_learning_rate": 0.3}, "iid")
+    cfg.partition = {"name": "iid"}
+    assert tuning.apply(cfg, given=set())[1:] == ({"local_learning_rate": 0.3}, "iid")
 
 
 def test_every_grid_recipe_names_the_keys_it_tunes():
