@@ -77,7 +77,8 @@ def schema_keys(node=Config, prefix: str = "") -> list[str]:
 def _diagnose(override, groups: dict[str, list[str]], keys: list[str]) -> None:
     """Raise the one-line ConfigError that explains why Hydra refused ``override``."""
     key = override.key_or_group
-    values = _values(override)
+    values = _sweep_values(override) if override.is_sweep_override() else [
+        override.value() if isinstance(override.value(), str) else override.get_value_element_as_str()]
     if key in groups:
         for value in values:
             if value not in groups[key] and value != "null":
@@ -97,14 +98,12 @@ def _diagnose(override, groups: dict[str, list[str]], keys: list[str]) -> None:
             raise ConfigError(f"{key}={value} is not allowed: {str(err).splitlines()[0]}") from None
 
 
-def _values(override) -> list[str]:
-    """The values an override can take. A continuous interval (Optuna's search space) is
-    checked at its two ends: the only values a sampler can reach that a type check could refuse."""
+def _sweep_values(override) -> list[str]:
+    """The values a sweep can take. A continuous interval (Optuna's search space) is checked at
+    its two ends: the only values a sampler can reach that a type check could refuse."""
     if override.value_type == ValueType.INTERVAL_SWEEP:
         return [str(override.value().start), str(override.value().end)]
-    if override.is_sweep_override():
-        return list(override.sweep_string_iterator())
-    return [override.value() if isinstance(override.value(), str) else override.get_value_element_as_str()]
+    return list(override.sweep_string_iterator())
 
 
 def _variants(parsed) -> list[list[str]]:
@@ -113,7 +112,8 @@ def _variants(parsed) -> list[list[str]]:
     def line(o, value):
         return f"{o.get_key_element()}={value}"
 
-    choices = [_values(o) if not o.is_delete() else [None] for o in parsed]
+    choices = [_sweep_values(o) if o.is_sweep_override() else [o.get_value_element_as_str()]
+               if not o.is_delete() else [None] for o in parsed]
     base = [c[0] for c in choices]
 
     def render(values):

@@ -122,6 +122,14 @@ def test_experiment_recipes_set_the_paper_settings(experiment):
         assert (cfg.schedule.peak_value, cfg.schedule.warmup_steps, cfg.schedule.end_value) == (3e-3, 100, 1e-3)
 
 
+@pytest.mark.parametrize("argv", [["H=8", "k=16"], ["--multirun", "H=8,16", "k=16"], ["H=8", "k=16", "num_rounds=5,7"]])
+def test_the_command_line_checks_compose_numeric_group_choices(argv):
+    """What the program itself does before compute (quoting, then composing each variant)."""
+    flags, overrides = cli.split_argv(argv)
+    cfg = cli.preflight(cli.quote_numeric_choices(overrides, cli.config_groups()))
+    assert (cfg.num_local_steps, cfg.num_grads) == (8, 16)
+
+
 @pytest.mark.parametrize("experiment", sorted(cli.config_groups()["experiment"]))
 @pytest.mark.parametrize("h, k", [("8", "16"), ("16", "32")])
 def test_shorthands_on_the_command_line_win_over_a_recipe(experiment, h, k):
