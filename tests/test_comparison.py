@@ -195,6 +195,27 @@ def test_report_pools_seeds_ranks_methods_and_states_the_verdict(tmp_path):
     assert (tmp_path / f"digits_mlp_K8_H4_R{R}_dirichlet_alpha0.1_M64.png").is_file()
 
 
+def test_held_out_verdict_names_where_and_by_how_much():
+    rounds = np.array([0, 50, 100])
+    baseline = {"outer_valid": 0.04, "outer_valid_curve": np.array([2.3, 0.10, 0.04]),
+                "test_accuracy_curve": np.array([0.1, 0.970, 0.980])}
+
+    def learned(ov, acc):
+        return {"outer_valid": ov[-1], "outer_valid_curve": np.array(ov), "test_accuracy_curve": np.array(acc),
+                "eval_rounds": rounds}
+
+    # within 5% on the loss and half a point on accuracy everywhere: a match
+    text = comparison.held_out(learned([2.3, 0.104, 0.03], [0.1, 0.966, 0.990]), baseline, "fedyogi")
+    assert text.startswith("matches or beats fedyogi (the best baseline on held-out data) at every evaluation")
+    text = comparison.held_out(learned([2.3, 0.106, 0.03], [0.1, 0.964, 0.990]), baseline, "fedyogi")
+    assert text == ("outer-valid loss 0.03 at the last round vs fedyogi's 0.04; does not match it at every evaluation: "
+                    "outer-valid loss more than 5% above fedyogi's at 1 of 3 evaluations (first at round 50: 0.106 vs "
+                    "0.1), and test accuracy more than 0.5 points below fedyogi's at 1 of 3 evaluations (first at "
+                    "round 50: 0.964 vs 0.97)")
+    nan = learned([2.3, np.nan, np.nan], [0.1, 0.1, 0.1])  # a diverged run never matches
+    assert "at 2 of 3 evaluations (first at round 50: nan vs 0.1)" in comparison.held_out(nan, baseline, "fedyogi")
+
+
 def test_experiments_open_on_the_runs_view_in_the_mlflow_ui():
     client, experiment_id = tracking.client(tracking_cfg("fresh"))
     assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND[0]] == "custom_model_development"
