@@ -106,6 +106,10 @@ def rounds_to_reach(curves: Curves, target: float) -> int | None:
     return int(np.argmax(below)) + 1 if below.any() else None
 
 
+def _num(value: float) -> str:
+    return f"{value:.4g}" if np.isfinite(value) else "diverged"
+
+
 def _fmt(values: np.ndarray, digits: int = 4) -> str:
     mean, std = float(np.mean(values)), float(np.std(values))
     return f"{mean:.{digits}g} ± {std:.2g}" if np.isfinite(mean) else "diverged"
@@ -149,7 +153,7 @@ def verdict(numbers: dict, rounds: int) -> list[str]:
     for method, n in numbers.items():
         if n["optimizer"] in HAND_OPTIMIZERS:
             continue
-        lost = [f"round {r}: {m} {b[f'train_r{r}']:.4g} ≤ {n[f'train_r{r}']:.4g}" for r in marks
+        lost = [f"round {r}: {m} {_num(b[f'train_r{r}'])} ≤ {_num(n[f'train_r{r}'])}" for r in marks
                 for m, b in baselines.items() if not n[f"train_r{r}"] < b[f"train_r{r}"]]
         train = ("lowest train loss at every reported round from 100 on" if not lost else
                  "not the lowest train loss everywhere from round 100 (" + "; ".join(lost[:3]) +
@@ -176,8 +180,8 @@ def held_out(n: dict, b: dict, baseline: str) -> str:
         if len(worse):
             i = worse[0]
             parts.append(f"{name} {how} {baseline}'s at {len(worse)} of {len(rounds)} evaluations "
-                         f"(first at round {rounds[i]}: {mine[i]:.4g} vs {theirs[i]:.4g})")
-    return (f"outer-valid loss {n['outer_valid']:.4g} at the last round vs {baseline}'s {b['outer_valid']:.4g}; "
+                         f"(first at round {rounds[i]}: {_num(mine[i])} vs {_num(theirs[i])})")
+    return (f"outer-valid loss {_num(n['outer_valid'])} at the last round vs {baseline}'s {_num(b['outer_valid'])}; "
             "does not match it at every evaluation: " + ", and ".join(parts))
 
 

@@ -213,7 +213,9 @@ def test_held_out_verdict_names_where_and_by_how_much():
                     "0.1), and test accuracy more than 0.5 points below fedyogi's at 1 of 3 evaluations (first at "
                     "round 50: 0.964 vs 0.97)")
     nan = learned([2.3, np.nan, np.nan], [0.1, 0.1, 0.1])  # a diverged run never matches
-    assert "at 2 of 3 evaluations (first at round 50: nan vs 0.1)" in comparison.held_out(nan, baseline, "fedyogi")
+    text = comparison.held_out(nan, baseline, "fedyogi")
+    assert text.startswith("outer-valid loss diverged at the last round vs fedyogi's 0.04")
+    assert "at 2 of 3 evaluations (first at round 50: diverged vs 0.1)" in text
 
 
 def test_experiments_open_on_the_runs_view_in_the_mlflow_ui():
