@@ -75,7 +75,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 		$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=$$task H=4,8 \
 			$(RESULTS_ARGS) || exit 1; done
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(SHIPPED_ARGS) \
-		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,digits_k8_h8,digits_k8_h4_avg_ov
+		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,digits_k8_h8,digits_k8_h4_avg_ov,digits_k8_h4_avg,digits_k8_h4_avg_ov1000,digits_k8_h8_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp pretrained=digits_k8_h4_avg,digits_k8_h8_avg $(SHIPPED_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp $(SHIPPED_ARGS) \
 		pretrained=mnist1d_k8_h4_ov,mnist1d_k8_h4,mnist1d_k8_h4_dirichlet,mnist1d_k8_h4_avg_ov,mnist1d_k8_h8
@@ -84,7 +84,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 	$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=mnist5k_mlp H=4,8 \
 		$(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(SHIPPED_ARGS) \
-		pretrained=digits_k8_h4,mnist1d_k8_h4,digits_k8_h4_avg_ov,digits_k8_h8,mnist1d_k8_h8
+		pretrained=digits_k8_h4,mnist1d_k8_h4,digits_k8_h4_avg_ov,digits_k8_h8,mnist1d_k8_h8,digits_k8_h4_avg,digits_k8_h4_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist5k_mlp $(SHIPPED_ARGS) \
 		pretrained=digits_k8_h4_avg,mnist1d_k8_h4,digits_k8_h8_avg,mnist1d_k8_h8
 	$(MAKE) results-federated

@@ -145,20 +145,23 @@ def verdict(numbers: dict, rounds: int) -> list[str]:
     """Per learned method, stated from the numbers: does it beat every baseline on train loss
     from round 100 on, and does it match the best baseline's held-out loss and accuracy?"""
     baselines = {m: n for m, n in numbers.items() if n["optimizer"] in HAND_OPTIMIZERS}
-    if not baselines:
+    # a diverged baseline beats nobody and is nobody's reference
+    finite = {m: n for m, n in baselines.items() if np.isfinite(n["outer_valid"])}
+    if not finite:
         return []
     lines = []
     marks = [r for r in CHECKPOINT_ROUNDS if 100 <= r < rounds] + [rounds]
-    best_ov = min(baselines, key=lambda m: baselines[m]["outer_valid"])
+    best_ov = min(finite, key=lambda m: finite[m]["outer_valid"])
     for method, n in numbers.items():
         if n["optimizer"] in HAND_OPTIMIZERS:
             continue
         lost = [f"round {r}: {m} {_num(b[f'train_r{r}'])} ≤ {_num(n[f'train_r{r}'])}" for r in marks
-                for m, b in baselines.items() if not n[f"train_r{r}"] < b[f"train_r{r}"]]
+                for m, b in baselines.items()
+                if np.isfinite(b[f"train_r{r}"]) and not n[f"train_r{r}"] < b[f"train_r{r}"]]
         train = ("lowest train loss at every reported round from 100 on" if not lost else
                  "not the lowest train loss everywhere from round 100 (" + "; ".join(lost[:3]) +
                  (f"; {len(lost) - 3} more" if len(lost) > 3 else "") + ")")
-        lines.append(f"- **{method}**: {train}; {held_out(n, baselines[best_ov], best_ov)}.")
+        lines.append(f"- **{method}**: {train}; {held_out(n, finite[best_ov], best_ov)}.")
     return lines
 
 

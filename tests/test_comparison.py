@@ -218,6 +218,18 @@ def test_held_out_verdict_names_where_and_by_how_much():
     assert "at 2 of 3 evaluations (first at round 50: diverged vs 0.1)" in text
 
 
+def test_a_diverged_baseline_beats_nobody_and_is_nobodys_reference():
+    curve = lambda ov: {"outer_valid_curve": np.array([2.3, ov]), "test_accuracy_curve": np.array([0.1, 0.9]),
+                        "eval_rounds": np.array([0, 100]), "outer_valid": ov}
+    numbers = {"lagg_a@x": {"optimizer": "lagg_a", "train_r100": 0.5, **curve(0.6)},
+               "fedavg": {"optimizer": "fedavg", "train_r100": np.nan, **curve(np.nan)},
+               "sgd": {"optimizer": "sgd", "train_r100": 0.7, **curve(0.8)}}
+    (line,) = comparison.verdict(numbers, 100)
+    assert line.startswith("- **lagg_a@x**: lowest train loss at every reported round from 100 on; matches or beats sgd")
+    numbers["sgd"] = {"optimizer": "sgd", "train_r100": np.inf, **curve(np.inf)}
+    assert comparison.verdict(numbers, 100) == []  # no baseline left to compare with
+
+
 def test_experiments_open_on_the_runs_view_in_the_mlflow_ui():
     client, experiment_id = tracking.client(tracking_cfg("fresh"))
     assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND[0]] == "custom_model_development"
