@@ -78,7 +78,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,digits_k8_h8,digits_k8_h4_avg_ov,digits_k8_h4_avg,digits_k8_h4_avg_ov1000,digits_k8_h8_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp pretrained=digits_k8_h4_avg,digits_k8_h8_avg $(SHIPPED_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp $(SHIPPED_ARGS) \
-		pretrained=mnist1d_k8_h4_ov,mnist1d_k8_h4,mnist1d_k8_h4_dirichlet,mnist1d_k8_h4_avg_ov,mnist1d_k8_h8
+		pretrained=mnist1d_k8_h4_ov,mnist1d_k8_h4,mnist1d_k8_h4_dirichlet,mnist1d_k8_h4_avg_ov,mnist1d_k8_h8,mnist1d_k8_h4_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist1d_mlp pretrained=mnist1d_k8_h4,mnist1d_k8_h8 \
 		$(SHIPPED_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=mnist5k_mlp H=4,8 \
