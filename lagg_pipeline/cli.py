@@ -181,7 +181,8 @@ def _fail(message: str, code: int = 2):
 
 @hydra.main(config_path="pkg://lagg_pipeline.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg):
-    from lagg_pipeline.jobs import UserError, run_job
+    from lagg_pipeline.errors import UserError
+    from lagg_pipeline.jobs import run_job
     from lagg_pipeline.meta.train import MetaTrainingDiverged, Preempted
 
     try:

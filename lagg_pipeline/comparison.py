@@ -271,7 +271,7 @@ def report_job(cfg, out: Path) -> str:
     import os
 
     from lagg_pipeline import tracking
-    from lagg_pipeline.jobs import UserError
+    from lagg_pipeline.errors import UserError
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per curve file otherwise
     client, _ = tracking.client(cfg.tracking)

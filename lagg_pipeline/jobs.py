@@ -11,13 +11,10 @@ from omegaconf import OmegaConf
 
 from lagg_pipeline import tracking
 from lagg_pipeline.config import LEARNED_OPTIMIZERS, SHORTHANDS, ConfigError, partition_label, validate
+from lagg_pipeline.errors import UserError
 
 
 FEDAVG = {"name": "fedavg", "_target_": "lagg_pipeline.aggregators.hand.fedavg"}
-
-
-class UserError(RuntimeError):
-    """A problem the user can fix (missing data, incompatible checkpoint): one line, exit 1."""
 
 
 def end_status(err: BaseException) -> str:
