@@ -54,6 +54,7 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 	for task in $(TUNE_TASKS); do for opt in $(BASELINES); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=$$task H=4,8 || exit 1; done; done
 	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist5k_mlp H=4  # the unseen task's reference
+	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=digits_conv H=4  # the unseen architecture's
 	for opt in $(filter-out fedavg,$(BASELINES)); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=mnist5k_mlp H=4 num_runs=1 || exit 1; done
 	for opt in $(BASELINES); do \
@@ -66,28 +67,27 @@ tune-extend: install ## sweep one step past each grid edge a tuned choice sits o
 	$(PY) -m lagg_pipeline mode=select_tuned
 
 # The README's Results: tuned baselines and the shipped aggregators, 5 seeds x 1000 rounds,
-# into the MLflow experiment "results"; then the report rewrites the README section.
+# into the MLflow experiment "results"; then the report rewrites the README section. Seen
+# tasks: digits_mlp and mnist1d (the family meta-trains on digits_mlp and mnist1d_mlp_small);
+# unseen: mnist5k_mlp and the conv net digits_conv (against tuned FedAvg).
 RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
 SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false
 COMMA := ,
+BASELINE_LIST := $(subst $(eval) ,$(COMMA),$(BASELINES))
 results: install ## benchmark tuned baselines and shipped aggregators, then `make report`
-	for task in digits_mlp mnist1d_mlp; do \
-		$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=$$task H=4,8 \
-			$(RESULTS_ARGS) || exit 1; done
+	for task in digits_mlp mnist1d_mlp mnist5k_mlp; do \
+		$(PY) -m lagg_pipeline --multirun optimizer=$(BASELINE_LIST) task=$$task H=4,8 $(RESULTS_ARGS) || exit 1; done
+	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=digits_conv H=4 $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(SHIPPED_ARGS) \
-		pretrained=digits_k8_h4,digits_k8_h4_ov,digits_k8_h4_ov1000,digits_k8_h8,digits_k8_h4_avg_ov,digits_k8_h4_avg,digits_k8_h4_avg_ov1000,digits_k8_h8_avg_ov1000
-	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp pretrained=digits_k8_h4_avg,digits_k8_h8_avg $(SHIPPED_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp $(SHIPPED_ARGS) \
-		pretrained=mnist1d_k8_h4_ov,mnist1d_k8_h4,mnist1d_k8_h4_dirichlet,mnist1d_k8_h4_avg_ov,mnist1d_k8_h8,mnist1d_k8_h4_avg_ov1000
-	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist1d_mlp pretrained=mnist1d_k8_h4,mnist1d_k8_h8 \
-		$(SHIPPED_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(BASELINES)) task=mnist5k_mlp H=4,8 \
-		$(RESULTS_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp $(SHIPPED_ARGS) \
-		pretrained=digits_k8_h4,mnist1d_k8_h4,digits_k8_h4_avg_ov,digits_k8_h8,mnist1d_k8_h8,digits_k8_h4_avg,digits_k8_h4_avg_ov1000
-	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist5k_mlp $(SHIPPED_ARGS) \
-		pretrained=digits_k8_h4_avg,mnist1d_k8_h4,digits_k8_h8_avg,mnist1d_k8_h8
-	$(MAKE) results-federated
+		pretrained=family_k8_h4,digits_k8_h4_avg_ov1000,digits_k8_h4_ov1000
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp H=8 $(SHIPPED_ARGS) \
+		pretrained=family_k8_h4,digits_k8_h8_avg_ov1000
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp H=4,8 $(SHIPPED_ARGS) pretrained=family_k8_h4
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp $(SHIPPED_ARGS) pretrained=mnist1d_k8_h4_avg_ov1000
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp H=4,8 $(SHIPPED_ARGS) \
+		pretrained=family_k8_h4,digits_k8_h4_avg_ov1000
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_conv H=4 $(SHIPPED_ARGS) pretrained=family_k8_h4
+	$(MAKE) report
 
 # Heterogeneous clients (README "Heterogeneous clients"): MNIST-1D over 64 clients with
 # Dirichlet(0.1) and Dirichlet(1.0) label skew, 8 per round, H=4; baselines tuned over those same clients.
@@ -100,9 +100,8 @@ tune-federated: install ## tune the heterogeneous-clients baselines over those s
 
 results-federated: install ## the heterogeneous-clients comparison (MNIST-1D, Dirichlet 0.1 and 1.0), then `make report`
 	$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(FED_BASELINES)) $(FED_ARGS) $(RESULTS_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a pretrained=mnist1d_k8_h4,mnist1d_k8_h4_dirichlet \
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a pretrained=family_k8_h4,mnist1d_k8_h4_avg_ov1000 \
 		$(FED_ARGS) $(SHIPPED_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a pretrained=mnist1d_k8_h4 $(FED_ARGS) $(SHIPPED_ARGS)
 	$(MAKE) report
 
 report: install ## the comparison report of the "results" experiment, spliced into README.md

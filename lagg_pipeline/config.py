@@ -17,7 +17,7 @@ MODES = ("auto", "benchmark", "meta_train", "import_legacy", "select_tuned", "re
 HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "fedadam", "fedyogi")
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
 MODELS = ("mlp", "conv")
-META_LOSS_SPLITS = ("train", "outer_valid")
+META_LOSS_SPLITS = ("train", "outer_valid", "resplit")
 META_INITS = ("random", "averaging")
 SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}  # the H/ and k/ config groups set these keys
 
@@ -131,7 +131,8 @@ class Config:
     pes_std: float = 0.01
     num_inner_steps: int = 1000
     truncation_schedule_min_length: int = 100
-    meta_loss_split: str = "train"  # or outer_valid: meta-train on held-out loss (SPEC 4)
+    meta_loss_split: str = "train"  # outer_valid: a fixed held-out split; resplit: fresh per episode (SPEC 4)
+    meta_tasks: list[str] = field(default_factory=list)  # meta-train over these conf/task entries (a family)
     meta_init: str = "random"  # SPEC 3.3's random network, or "averaging": start as normalised worker averaging
     meta_init_scale: float = 10.0  # meta_init=averaging: the first steps' size, in units of STEP_MULT per element
     num_outer_steps: int = 200
@@ -236,6 +237,12 @@ def validate(cfg) -> None:
             raise ConfigError(str(err)) from None
     _require(cfg.meta_loss_split in META_LOSS_SPLITS,
              f"meta_loss_split={cfg.meta_loss_split} is not allowed; choose one of: {', '.join(META_LOSS_SPLITS)}")
+    _require(cfg.meta_loss_split != "resplit" or cfg.partition.name == "iid",
+             f"meta_loss_split=resplit is not allowed with partition={cfg.partition.name}; it re-divides the "
+             f"whole pool per episode, which needs partition=iid")
+    from lagg_pipeline.meta.family import validate_family
+
+    validate_family(cfg, _require)
     _require(cfg.meta_init in META_INITS,
              f"meta_init={cfg.meta_init} is not allowed; choose one of: {', '.join(META_INITS)}")
     _require(cfg.meta_init_scale > 0, f"meta_init_scale={cfg.meta_init_scale} is not allowed; it must be > 0")

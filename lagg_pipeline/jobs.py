@@ -189,6 +189,8 @@ def meta_run_name(cfg) -> str:
         what.update(partition=OmegaConf.to_container(cfg.partition))
     if cfg.meta_init != "random":
         what.update(meta_init=cfg.meta_init, meta_init_scale=cfg.meta_init_scale)
+    if cfg.meta_tasks:
+        what.update(meta_tasks=list(cfg.meta_tasks))
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.optimizer.name}_{cfg.task.name}_K{cfg.num_grads}_H{cfg.num_local_steps}_{digest}"
 
@@ -198,7 +200,7 @@ def meta_params_metadata(cfg, **extra) -> dict:
             "num_local_steps": cfg.num_local_steps, "local_learning_rate": cfg.local_learning_rate,
             "local_batch_size": cfg.local_batch_size, "meta_loss_split": cfg.meta_loss_split,
             "task": cfg.task.name, "partition": partition_label(cfg.partition), "meta_init": cfg.meta_init,
-            **extra}
+            **({"meta_tasks": list(cfg.meta_tasks)} if cfg.meta_tasks else {}), **extra}
 
 
 def command_line() -> str:
@@ -212,13 +214,6 @@ def command_line() -> str:
         overrides = []
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("resume", "progress")]
     return " ".join(["python -m lagg_pipeline", *kept])
-
-
-def pes_data(cfg, splits):
-    """The splits meta-training reads: train, and the meta-loss split unless that is train."""
-    from lagg_pipeline.meta.pes import PESData
-
-    return PESData(splits.train, None if cfg.meta_loss_split == "train" else getattr(splits, cfg.meta_loss_split))
 
 
 def sweep_dir() -> str | None:
@@ -254,11 +249,12 @@ def meta_train(cfg, splits, task, aggregator):
     turns on a lock beside its checkpoint folder: the first trains, the others reuse its
     export, so no job redoes it or touches another's checkpoints."""
     from lagg_pipeline.meta.devices import is_leader
+    from lagg_pipeline.meta.family import meta_problem
 
     name = meta_run_name(cfg)
     directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
     if not is_leader():
-        return _follow_meta_training(cfg, task, pes_data(cfg, splits), aggregator, directory)
+        return _follow_meta_training(cfg, *meta_problem(cfg, splits, task), aggregator, directory)
     with exclusive(directory.parent / f".{name}.lock"):
         sweep = sweep_dir()
         reused = _reuse_from_sweep(cfg, splits, directory, sweep) if sweep and not cfg.resume else None
@@ -302,11 +298,12 @@ def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path
     import shutil
 
     from lagg_pipeline.checkpoint import CheckpointError, CheckpointManager, save_params
+    from lagg_pipeline.meta.family import meta_problem
     from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
     from lagg_pipeline.report import plot_meta_loss
 
     manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
-    trainer = MetaTrainer(cfg, task, pes_data(cfg, splits), aggregator)
+    trainer = MetaTrainer(cfg, *meta_problem(cfg, splits, task), aggregator)
     state, run = None, None
     if cfg.resume and manager.latest_step() is not None:
         try:

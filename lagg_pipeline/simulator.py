@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lagg_pipeline.aggregators.base import GRADIENT, LOCAL_SGD
-from lagg_pipeline.data import sample_batch
+from lagg_pipeline.data import episode_split, sample_batch
 from lagg_pipeline.data.partition import ClientSplit, sample_clients
 from lagg_pipeline.data.sampler import next_counter
 
@@ -69,7 +69,14 @@ def draw_round(train, key: jax.Array, counter, num_grads: int, num_local_steps: 
     """One round's examples (x [K, H, B, ...], y [K, H, B]) and the stream's next position.
 
     From a :class:`Split`, the K workers share one i.i.d. stream; from a
-    :class:`ClientSplit`, K of its clients are picked and each reads its own examples."""
+    :class:`ClientSplit`, K of its clients are picked and each reads its own examples; from an
+    :class:`~lagg_pipeline.data.episode_split.EpisodePool`, the stream covers the episode's
+    training part only."""
+    if isinstance(train, episode_split.EpisodePool):
+        x_N, y_N, counter = episode_split.train_batch(
+            train, key, counter, round_size(num_grads, num_local_steps, local_batch_size))
+        x, y = reshape_round_batch(x_N, y_N, num_grads, num_local_steps)
+        return x, y, counter
     if isinstance(train, ClientSplit):
         x, y, counter = sample_clients(train, key, counter, num_grads, num_local_steps * local_batch_size)
         return (x.reshape(num_grads, num_local_steps, local_batch_size, *x.shape[2:]),

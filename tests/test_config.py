@@ -70,7 +70,7 @@ def test_optimizer_arguments_follow_top_level_keys():
     (["trunc_length=1"], "trunc_length=1 is not allowed; it must be >= 2"),
     (["mode=benchmark", "resume=true", "optimizer=fedavg"], "resume=true is not allowed with mode=benchmark"),
     (["pes_devices=2"], "pes_devices=2 is not allowed; it must be between 1 and the 1 local devices"),
-    (["meta_loss_split=test"], "meta_loss_split=test is not allowed; choose one of: train, outer_valid"),
+    (["meta_loss_split=test"], "meta_loss_split=test is not allowed; choose one of: train, outer_valid, resplit"),
     (["pretrained=nope"], "pretrained=nope is not allowed for optimizer=lagg_a; choose one of:"),
     (["optimizer=fedavg", "pretrained=x"], "pretrained=x is not allowed with optimizer=fedavg"),
     (["task=mnist1d_mlp", "task.image_size=8"], "task.image_size=8 is not allowed for mnist1d"),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lagg_pipeline.config import META_LOSS_SPLITS
-from lagg_pipeline.data import Split, sample_batch
+from lagg_pipeline.data import Split, episode_split, sample_batch
 from lagg_pipeline.data.partition import init_counter, stream_position
 from lagg_pipeline.meta.truncation import Episode, advance, initial_episodes, normalize_meta_loss
 from lagg_pipeline.simulator import RoundState, make_round_step, round_size
@@ -25,8 +25,8 @@ MetaParams = Any
 class PESData(NamedTuple):
     """The splits a truncation reads, passed into jit as arguments (never embedded constants)."""
 
-    train: Split
-    meta: Split | None = None  # the split the meta-loss is measured on, when not the training loss
+    train: Split | episode_split.EpisodePool  # a pool with meta_loss_split=resplit
+    meta: Split | None = None  # the split the meta-loss is measured on, when a fixed one
 
 
 class PESState(NamedTuple):
@@ -62,7 +62,9 @@ class PES:
     state records the last round's ``mean_abs_step``; ``task`` and the :class:`PESData` given
     to :meth:`unroll` / :meth:`estimate` define the inner problem (SPEC sections 1 and 6).
     ``meta_loss_split="train"`` scores each round by its training loss; ``"outer_valid"`` by
-    the loss of the updated weights on ``data.meta`` (SPEC 4, ``meta_loss_split``).
+    the loss of the updated weights on ``data.meta`` (SPEC 4, ``meta_loss_split``);
+    ``"resplit"`` by their loss on the episode's own validation part of ``data.train``, an
+    :class:`~lagg_pipeline.data.episode_split.EpisodePool` divided anew by every episode.
     """
 
     def __init__(self, task, aggregator, *, num_tasks: int, trunc_length: int,
@@ -86,6 +88,9 @@ class PES:
         state, train_loss = make_round_step(self.task, update, **self.round_args)(state, data.train)
         if self.meta_loss_split == "train":
             return state, train_loss
+        if self.meta_loss_split == "resplit":
+            valid = episode_split.valid_split(data.train, state.data_key)
+            return state, self.task.loss(state.params, valid.x, valid.y)
         return state, self._held_out_loss(state, data.meta)
 
     def _held_out_loss(self, state: RoundState, split: Split):

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from lagg_pipeline.checkpoint import CheckpointManager
 from lagg_pipeline.meta.devices import host_copy, is_leader, particle_devices, particle_sharding
-from lagg_pipeline.meta.pes import PES, PESData, PESState
+from lagg_pipeline.meta.family import make_estimator
+from lagg_pipeline.meta.pes import PESData, PESState
 
 _LOG_EVERY = 10  # outer steps per MLflow batch: logging must not dominate
 
@@ -51,7 +52,7 @@ def _sigterm_requested():
 class MetaTrainState(NamedTuple):
     meta_params: Any
     opt_state: Any
-    pes: PESState
+    pes: PESState | tuple[PESState, ...]  # one per task of a family
     key: jax.Array
     outer_step: jax.Array  # int32
 
@@ -73,19 +74,17 @@ class MetaTrainer:
     """Owns the PES estimator, the meta-optimizer and the jitted outer step.
 
     ``data`` holds the training split and, with ``meta_loss_split=outer_valid``, the split the
-    meta-loss is measured on; it enters the jitted step as an argument.
+    meta-loss is measured on; it enters the jitted step as an argument. For a task family
+    (``meta_tasks``), ``task`` is a list and ``data`` a tuple, one entry per task
+    (:func:`lagg_pipeline.meta.family.meta_problem` builds both).
     """
 
-    def __init__(self, cfg, task, data: PESData, aggregator):
+    def __init__(self, cfg, task, data: PESData | tuple[PESData, ...], aggregator):
         self.cfg, self.aggregator, self.data = cfg, aggregator, data
         self.schedule = meta_learning_rate(cfg.schedule, cfg.num_outer_steps)
         self.optimizer = optax.adamw(self.schedule, weight_decay=cfg.weight_decay)
-        self.pes = PES(task, aggregator, num_tasks=cfg.num_tasks, trunc_length=cfg.trunc_length,
-                       pes_std=cfg.pes_std, min_length=cfg.truncation_schedule_min_length,
-                       max_length=cfg.num_inner_steps, num_grads=cfg.num_grads,
-                       num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
-                       local_learning_rate=cfg.local_learning_rate, meta_loss_split=cfg.meta_loss_split,
-                       particle_sharding=particle_sharding(particle_devices(cfg.pes_devices, 2 * cfg.num_tasks)))
+        self.pes = make_estimator(cfg, task, aggregator,
+                                  lambda members: particle_sharding(particle_devices(cfg.pes_devices, members)))
         self.jitted_step = jax.jit(self._step)
 
     def step(self, state: MetaTrainState):

@@ -3,7 +3,8 @@
 Each is ``<variant>-<name>.npz`` in this folder (the format of ``meta_params.npz``); its
 metadata records the task, K, H, gamma, B, the meta-loss split, the outer steps, the
 meta-training time and the exact command that produced it (``experiment=pretrain_<name>``).
-Select one with ``optimizer=lagg_a pretrained=<name>``; ``pretrained=list`` lists them.
+Select one with ``optimizer=lagg_a pretrained=<name>``; ``pretrained=list`` lists them and
+says which to use for what (``recommended.yaml``, from the report's test-split verdict).
 """
 from __future__ import annotations
 
@@ -48,13 +49,35 @@ def matching(variant: str, task: str, num_grads: int, num_local_steps: int, meta
     return None
 
 
+def recommendations() -> list[dict]:
+    """The entries of ``recommended.yaml``: which shipped aggregator to use for which task and H."""
+    import yaml
+
+    return yaml.safe_load(resources.files(__name__).joinpath("recommended.yaml").read_text()) or []
+
+
+def recommended(variant: str, task: str, num_grads: int, num_local_steps: int) -> str | None:
+    """The shipped ``variant`` recommended for this task, K and H, if any."""
+    for entry in recommendations():
+        if (entry["variant"], entry["num_grads"]) == (variant, num_grads) and task in entry["tasks"] \
+                and num_local_steps in entry["H"]:
+            return entry["name"]
+    return None
+
+
 def describe() -> str:
-    """One line per shipped aggregator: what it was trained on and how to re-create it."""
+    """Per shipped aggregator: what to use it for, what it was trained on, how to re-create it."""
+    use_for = {(e["variant"], e["name"]): e for e in recommendations()}
     lines = []
     for (variant, name), file in available().items():
         meta = metadata(file)
-        lines.append(f"{variant:7s} pretrained={name:18s} task={meta.get('task')} K={meta.get('num_grads')} "
+        entry = use_for.get((variant, name))
+        advice = (f"use for: {', '.join(entry['tasks'])} at K={entry['num_grads']}, H={'/'.join(map(str, entry['H']))}"
+                  f" ({entry['why']})" if entry else "no recommendation: kept for comparison")
+        family = f" meta_tasks={','.join(meta['meta_tasks'])}" if meta.get("meta_tasks") else ""
+        lines.append(f"{variant} pretrained={name}: {advice}\n"
+                     f"    trained: task={meta.get('task')}{family} K={meta.get('num_grads')} "
                      f"H={meta.get('num_local_steps')} meta_loss_split={meta.get('meta_loss_split', 'train')} "
                      f"partition={meta.get('partition', 'iid')} meta_init={meta.get('meta_init', 'random')} "
-                     f"outer_steps={meta.get('outer_steps')}  re-create: {meta.get('command', '?')}")
+                     f"outer_steps={meta.get('outer_steps')}\n    re-create: {meta.get('command', '?')}")
     return "\n".join(lines) or "no pretrained aggregators are shipped"

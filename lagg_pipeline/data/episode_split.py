@@ -1,0 +1,72 @@
+"""A fresh train/validation division of the non-test data for every meta-training episode.
+
+With a fixed validation split the meta-learner can fit that split (144 examples on digits):
+it learns an aggregator whose training happens to suit those examples, not the task. Here
+the pool of every non-test example (train, inner-valid and outer-valid; never test, SPEC 5)
+is divided anew by each episode's data key: a keyed permutation of the pool puts
+``num_valid`` examples first (this episode's validation set) and the rest after (its
+training set). Over episodes every pool example is validated on and trained on, never both
+in one episode, so no fixed set of examples can be memorised.
+
+The training stream of an episode is the usual without-replacement stream
+(:mod:`lagg_pipeline.data.sampler`) over positions ``num_valid .. n-1`` of that permutation;
+both are pure functions of (key, counter), so a resumed run draws the same batches.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lagg_pipeline.data.sampler import epoch_round_keys, next_counter, permute, stream_indices
+from lagg_pipeline.data.splits import Split, Splits
+
+# The layout key is fold_in(data_key, _LAYOUT_SALT): distinct from the stream key itself and
+# from any client stream fold_in(data_key, m) (resplit runs have no clients; the salt is above
+# any client index anyway).
+_LAYOUT_SALT = 0x7FFFFFFF
+VALID_FRACTION_DENOMINATOR = 5  # 1/5 validation: the training part is the benchmark train split's size
+
+
+class EpisodePool(NamedTuple):
+    """Every non-test example, to be divided per episode (a distinct type from :class:`Split`
+    so the round sampler knows to draw from the episode's training part only)."""
+
+    x: jax.Array
+    y: jax.Array
+
+
+def pool_of(splits: Splits) -> EpisodePool:
+    """train + inner-valid + outer-valid, in that order (never the test split)."""
+    parts = (splits.train, splits.inner_valid, splits.outer_valid)
+    return EpisodePool(jnp.concatenate([p.x for p in parts]), jnp.concatenate([p.y for p in parts]))
+
+
+def sizes(pool_size: int) -> tuple[int, int]:
+    """(training examples, validation examples) of one episode; static, from the pool's shape."""
+    num_valid = pool_size // VALID_FRACTION_DENOMINATOR
+    return pool_size - num_valid, num_valid
+
+
+def _layout(pool: EpisodePool, data_key: jax.Array, positions: jax.Array) -> jax.Array:
+    """Pool indices at ``positions`` of this episode's permutation of the pool."""
+    n = pool.y.shape[0]
+    round_keys = epoch_round_keys(jax.random.fold_in(data_key, _LAYOUT_SALT), jnp.uint32(0))
+    return permute(positions.astype(jnp.uint32), round_keys, n).astype(jnp.int32)
+
+
+def train_batch(pool: EpisodePool, data_key: jax.Array, counter: jax.Array, count: int):
+    """Examples counter .. counter + count - 1 of the episode's training stream:
+    (x [count, ...], y [count], next counter)."""
+    num_train, num_valid = sizes(pool.y.shape[0])
+    positions = stream_indices(data_key, counter, count, num_train) + num_valid
+    idx = _layout(pool, data_key, positions)
+    return pool.x[idx], pool.y[idx], next_counter(counter, count, num_train)
+
+
+def valid_split(pool: EpisodePool, data_key: jax.Array) -> Split:
+    """The episode's whole validation set."""
+    _, num_valid = sizes(pool.y.shape[0])
+    idx = _layout(pool, data_key, jnp.arange(num_valid))
+    return Split(pool.x[idx], pool.y[idx])
