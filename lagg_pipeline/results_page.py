@@ -16,6 +16,10 @@ from lagg_pipeline.config import partition_slug
 from lagg_pipeline.report import LOSS_FLOOR, TRAIN_TAIL, floored
 from lagg_pipeline.verdict import Judgement, Stats, judge
 
+SPLITS = ("Which split decides what (SPEC 5): *train* drives the inner optimisation; *outer-valid* tuned the "
+          "baselines and is the meta-objective of the `_ov` aggregators; *inner-valid* is free for a meta-objective; "
+          "*test* is read by this report and nothing else, so every verdict below reads the test split. Outer-valid "
+          "numbers appear only as the split a method was tuned or meta-trained on.")
 TABLE_ROUNDS = (100, 250)  # besides the last evaluation
 PLOTTED_BASELINES = 3  # beside each learned aggregator: the best few, so the lines stay apart
 ERROR_FLOOR = 1e-4
@@ -129,8 +133,9 @@ def plot_page(page: Page, path: Path) -> Path:
                                         "test loss", "test error rate (1 − accuracy)")):
             ax.set(yscale="log", title=title, xlabel="communication rounds")
             ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"{page.title} — test split; each learned aggregator beside the {PLOTTED_BASELINES} baselines "
-                 f"with the lowest final test loss")
+    fig.suptitle(f"{page.title} — test split; " + (f"each learned aggregator beside the {PLOTTED_BASELINES} "
+                 "baselines with the lowest final test loss" if learned else "the baselines with the lowest final "
+                 "test loss"))
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -141,7 +146,7 @@ def plot_page(page: Page, path: Path) -> Path:
 def markdown(pages: list[Page], out: Path, image_prefix: str = "", notes: Sequence[str] = ()) -> str:
     """The report's markdown, with one plot per group written into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    parts = [*(f"> {note}" for note in notes), *([""] if notes else [])]
+    parts = [SPLITS, "", *(f"> {note}" for note in notes), *([""] if notes else [])]
     for page in pages:
         task, k, h, rounds, partition = page.key
         image = plot_page(page, out / f"{task}_K{k}_H{h}_R{rounds}{partition_slug(partition)}.png")

@@ -170,16 +170,20 @@ def verdict_line(row: Stats, baselines: list[Stats], rounds: np.ndarray, judged:
                judged, train / best_train, _ratio),
         _check(f"(2) test accuracy within {ACCURACY_SLACK * 100:g} points of the best baseline's", ok["acc"], acc,
                best_acc, [names[i] for i in hi_acc], judged, best_acc - acc,
-               lambda m, b: f"{(b - m) * 100:.2g} points below"),
+               lambda m, b: f"{(b - m) * 100:.3g} points below"),
         _check(f"(3) test loss within {TEST_LOSS_SLACK:.0%} of the best baseline's", ok["loss"], loss, best_loss,
                [names[i] for i in lo_loss], judged, loss / best_loss, _ratio)]
+    gap = lambda s: s.mean("test_loss")[-1] - s.mean("outer_valid")[-1]
+    gaps = [gap(s) for s in baselines]
+    gap_text = (f"generalisation gap at round {rounds[-1]} (test − outer-valid loss, the split it was tuned/"
+                f"meta-trained on): {_num(gap(row))}, the baselines' {min(gaps):.3g} to {max(gaps):.3g}")
     holds = all(v.all() for v in ok.values())
     diverged = (f" {row.diverged} of {row.seeds} seeds diverged, counted against it (infinite loss, zero "
                 "accuracy)." if row.diverged else "")
     return (f"- **{row.name}** {'holds' if holds else 'does not hold'} on the test split.{diverged} "
             + "; ".join(checks) + "; (4) time to target: "
             + _target_text("test accuracy", targets["accuracy"], row, baselines) + ", "
-            + _target_text("train loss", targets["train"], row, baselines) + ".")
+            + _target_text("train loss", targets["train"], row, baselines) + "; " + gap_text + ".")
 
 
 def judge(curves: list[Curves], title: str) -> Judgement:
@@ -198,6 +202,9 @@ def judge(curves: list[Curves], title: str) -> Judgement:
             lines.append(f"- {s.name}: {s.diverged} of {s.seeds} seeds diverged; " +
                          (f"counted with its {len(s.train)} finite seeds (marked †)." if len(s.train) else
                           "no finite seed, so it is nobody's reference."))
+    if not any(s.curves.learned for s in rows):
+        return Judgement(rows, rounds, judged, time_to_target(rows, rounds) if baselines else {},
+                         lines[1:] + ["No learned method ran in this group: nothing to judge."])
     if not baselines:
         return Judgement(rows, rounds, judged, {}, lines + ["- no baseline with a finite seed: nothing to judge against."])
     targets = time_to_target(rows, rounds)

@@ -205,6 +205,7 @@ def test_report_pools_seeds_of_one_method_and_keeps_the_newest_rerun(tmp_path):
     assert curves[0].settings == "local_learning_rate=0.5, meta-params: shipped digits_k8_h4"
     text = results_page.markdown(results_page.judge_all(groups), tmp_path)
     assert "### digits_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64): 300 rounds, 2 seeds" in text
+    assert text.count("No learned method ran in this group: nothing to judge.") == 1
     assert "### digits_mlp, K=8, H=4: 300 rounds, 2/4 seeds" in text
     assert (tmp_path / f"digits_mlp_K8_H4_R{R}.png").stat().st_size > 10_000
     assert (tmp_path / f"digits_mlp_K8_H4_R{R}_dirichlet_alpha0.1_M64.png").is_file()

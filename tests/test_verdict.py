@@ -136,6 +136,8 @@ def test_each_metric_has_its_own_best_baseline_at_each_round():
             "round 100: 0.9 vs fedadam's 0.95, 5 points below") in line
     assert ("(3) test loss within 10% of the best baseline's at 0 of 5 evaluations; misses 5, first at round 100: "
             "0.34 vs fedavg's 0.3, 1.13× it") in line
+    assert ("generalisation gap at round 300 (test − outer-valid loss, the split it was tuned/meta-trained on): "
+            "-0.06, the baselines' -0.1 to -0.09.") in line
 
 
 def test_a_baseline_counts_with_its_finite_seeds_and_is_marked():
@@ -226,6 +228,7 @@ def test_report_job_writes_the_page_and_splices_the_readme(tmp_path):
     readme = tmp_path / "page.md"
     readme.write_text(f"intro\n{comparison.BEGIN}\nOLD NUMBERS\n{comparison.END}\ntail\n")
     text = comparison.report_job(report_cfg(readme=str(readme), report_dir=str(tmp_path / "rep")), tmp_path / "out")
+    assert text.startswith(results_page.SPLITS)
     assert "### digits_mlp, K=8, H=4: 300 rounds, 2 seeds" in text and "- **lagg_a@x** holds on the test split." in text
     assert "| method | settings | seeds | test acc r100 | test acc r250 | test acc r300 | test loss r100 |" in text
     content = readme.read_text()
