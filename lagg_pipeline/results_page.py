@@ -6,6 +6,7 @@ aggregator can be compared with the baselines'.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -156,6 +157,29 @@ def markdown(pages: list[Page], out: Path, image_prefix: str = "", notes: Sequen
                     if targets else []),
                   *page.judgement.lines, "", f"![{page.title}]({image_prefix}{image.name})", ""]
     return "\n".join(parts)
+
+
+_VERDICT = re.compile(r"^- \*\*(.+?)\*\* (holds|does not hold) on the test split\.(.*)$", re.M)
+_CRITERIA = ("(1) train loss below every baseline's", "(2) test accuracy within", "(3) test loss within")
+
+
+def headline(results: str, link: str) -> str:
+    """One row per comparison of a generated Results page (``markdown``'s text), read from its verdict
+    lines: which learned methods hold on the test split, and which meet each criterion at every evaluation."""
+    rows = ["| comparison | holds on the test split | (1) lowest train loss throughout | (2) test accuracy within "
+            "0.5 points throughout | (3) test loss within 10% throughout |", "|---|---|---|---|---|"]
+    for section in re.split(r"^### ", results, flags=re.M)[1:]:
+        title = section.splitlines()[0]
+        verdicts = _VERDICT.findall(section)
+        if not verdicts:
+            continue
+        met = lambda criterion: [name for name, _, text in verdicts
+                                 if re.search(re.escape(criterion) + r"[^;]*? at (\d+) of \1 evaluations", text)]
+        anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        cells = [[name for name, holds, _ in verdicts if holds == "holds"], *(met(c) for c in _CRITERIA)]
+        rows.append(f"| [{title.split(':')[0] if 'clients:' not in title else ':'.join(title.split(':')[:2])}]"
+                    f"({link}#{anchor}) | " + " | ".join(", ".join(c) or "none" for c in cells) + " |")
+    return "\n".join(rows)
 
 
 def shipped_table() -> str:

@@ -234,6 +234,24 @@ def test_report_job_writes_the_page_and_splices_the_readme(tmp_path):
     content = readme.read_text()
     assert "OLD NUMBERS" not in content and content.endswith("tail\n") and "(rep/digits_mlp_K8_H4_R300.png)" in content
     assert (tmp_path / "rep" / "digits_mlp_K8_H4_R300.png").stat().st_size > 10_000
+    assert results_page.headline(text, "results.md").splitlines()[2] == (
+        "| [digits_mlp, K=8, H=4](results.md#digits_mlp-k8-h4-300-rounds-2-seeds) | lagg_a@x | lagg_a@x | lagg_a@x "
+        "| lagg_a@x |")
+
+
+def test_the_headline_reads_each_criterion_from_the_verdict_lines():
+    page = ("### mnist1d_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64): 1000 rounds, 5 seeds\n\n"
+            "- **a** does not hold on the test split. (1) train loss below every baseline's at 19 of 19 evaluations; "
+            "(2) test accuracy within 0.5 points of the best baseline's at 17 of 19 evaluations; misses 2, first at "
+            "round 850: 0.976 vs diloco's 0.9811, 0.51 points below; (3) test loss within 10% of the best baseline's "
+            "at 19 of 19 evaluations; (4) time to target: ...\n"
+            "- **b** holds on the test split. (1) train loss below every baseline's at 3 of 3 evaluations; (2) test "
+            "accuracy within 0.5 points of the best baseline's at 3 of 3 evaluations; (3) test loss within 10% of "
+            "the best baseline's at 3 of 3 evaluations; (4) ...\n\n### digits_mlp, K=8, H=8: 1000 rounds, 5 seeds\n"
+            "No learned method ran in this group: nothing to judge.\n")
+    (row,) = results_page.headline(page, "results.md").splitlines()[2:]
+    assert row == ("| [mnist1d_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64)](results.md#mnist1d_mlp-k8-h4-clients-"
+                   "dirichletalpha01-m64-1000-rounds-5-seeds) | b | a, b | b | a, b |")
 
 
 @pytest.mark.parametrize("readme_text", [None, "no markers here\n"])
