@@ -54,7 +54,8 @@ class Curves(NamedTuple):
 
 def meta_params_identity(run) -> str | None:
     """Which meta-parameters a learned run ran: "shipped <name>", "sha256 <hash>" of its checkpoint
-    file, the artifact URI, or the run itself when it meta-trained them; None for a hand-designed run."""
+    file (the run's ``meta_params_sha256`` tag when the job recorded one, else the file as it is now),
+    the artifact URI, or the run itself when it meta-trained them; None for a hand-designed run."""
     params, tags = run.data.params, run.data.tags
     if tags.get("optimizer") in HAND_OPTIMIZERS:
         return None
