@@ -48,8 +48,8 @@ def judge_all(groups: dict[tuple, list[Curves]]) -> list[Page]:
 def _fmt(values: np.ndarray) -> str:
     if not len(values):
         return "diverged"
-    mean, std = float(np.mean(values)), float(np.std(values))
-    return f"{mean:.4g} ± {std:.2g}" if np.isfinite(mean) else "diverged"
+    mean = float(np.mean(values))
+    return f"{mean:.4g} ± {float(np.std(values)):.2g}" if np.isfinite(mean) else "diverged"
 
 
 def _seeds(s: Stats) -> str:
