@@ -7,7 +7,8 @@ selects again.
 A grid recipe (``conf/hparams_search/<optimizer>.yaml``) sweeps a method's keys into the
 MLflow experiment ``tuning``. :func:`select` picks, per (task, optimizer, H, K, clients), the grid
 point with the lowest outer-valid loss at the last round (mean over seeds; the test split
-is never read) and writes it with the sweep that chose it to
+is never read), among the points run at the newest budget (rounds, seeds, batch size; a point
+run twice counts once, its newest run) and writes it with the sweep that chose it to
 ``conf/tuned_hparams/<task>/<optimizer>.yaml``. Jobs then apply those values (``tuned=true``, the
 default) unless the command line sets the key. A job over clients (partition=dirichlet, ...)
 uses the values tuned over those same clients when a grid ran there, else the i.i.d. ones.
@@ -84,8 +85,32 @@ def apply(cfg, given: set[str], root: Path | None = None):
     return cfg, values, entry["partition"]
 
 
+def budget(run) -> tuple[int, int, int]:
+    """(rounds, seeds, batch size) a grid point ran with: points compare only within one budget."""
+    params = run.data.params
+    return tuple(int(params.get(k, 0)) for k in ("num_rounds", "num_runs", "local_batch_size"))
+
+
+def grid_points(members: list, keys: list[str]) -> dict[tuple, object]:
+    """{point (the values of ``keys``): its newest run}, among runs of the newest run's budget."""
+    members = sorted(members, key=lambda r: r.info.start_time, reverse=True)
+    newest_budget = budget(members[0])
+    points = {}
+    for run in members:
+        if budget(run) == newest_budget:
+            points.setdefault(tuple(_typed(run.data.params[k]) for k in keys), run)  # a repeat counts once
+    return points
+
+
+def neighbours(points, keys: list[str], best: tuple, key: str) -> list:
+    """The values tried along ``key`` with every other key at the best point's value."""
+    i = keys.index(key)
+    return sorted({p[i] for p in points if all(p[j] == best[j] for j in range(len(keys)) if j != i)})
+
+
 def select(client, experiment_name: str, out_root: Path) -> list[Path]:
-    """Write the best grid point of every (task, optimizer, H, K, clients) swept in ``experiment_name``."""
+    """Write the best grid point of every (task, optimizer, H, K, clients) swept in ``experiment_name``,
+    chosen among the points of the newest budget (rounds, seeds, batch size)."""
     from lagg_pipeline.config import HAND_OPTIMIZERS
 
     experiment = client.get_experiment_by_name(experiment_name)
@@ -101,27 +126,36 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
     written = {}
     for (task, optimizer, h, k, partition), members in sorted(groups.items()):
         keys = grid_keys(optimizer)
-        scored = [(r.data.metrics[SELECTION_METRIC], r) for r in members if SELECTION_METRIC in r.data.metrics]
-        if not scored or not keys:
+        if not keys:
             continue
-        score, best = min(scored, key=lambda pair: pair[0])
-        values = {key: _typed(best.data.params[key]) for key in keys}
-        tried = {key: sorted({_typed(r.data.params[key]) for r in members}) for key in keys}
-        beyond = {key: beyond_edge(key, values[key], tried[key]) for key in keys}
+        points = grid_points(members, keys)
+        scored = [(r.data.metrics[SELECTION_METRIC], point, r) for point, r in points.items()
+                  if SELECTION_METRIC in r.data.metrics]
+        if not scored:
+            continue
+        score, best_point, best = min(scored, key=lambda item: item[0])
+        values = dict(zip(keys, best_point))
+        tried = {key: sorted({p[i] for p in points}) for i, key in enumerate(keys)}
+        beyond = {key: beyond_edge(key, values[key], neighbours(points, keys, best_point, key)) for key in keys}
         edges = [key for key in keys if beyond[key] is not None]
-        parents = sorted({r.data.tags["mlflow.parentRunId"] for r in members})
+        chosen = list(points.values())
+        parents = sorted({r.data.tags["mlflow.parentRunId"] for r in chosen})
         sweeps = sorted({client.get_run(p).data.params.get("sweep_overrides", "?") for p in parents})
         recipe = _recipe(optimizer)  # an extension keeps the budget the grid ran with
         extra = [f"{key}={best.data.params[key]}" for key in ("num_runs", "num_rounds")
                  if key in best.data.params and _typed(best.data.params[key]) != recipe[key]]
         extra += partition_overrides(best.data.params) if partition != "iid" else []
-        entry = {"values": values, "outer_valid_loss": float(score), "grid_points": len(members),
-                 "diverged_points": len(members) - len(scored), "grid": tried, "on_grid_edge": edges,
+        rounds, seeds, batch = budget(best)
+        entry = {"values": values, "outer_valid_loss": float(score), "grid_points": len(points),
+                 "diverged_points": len(points) - len(scored), "grid": tried, "on_grid_edge": edges,
                  "extend": [extension(optimizer, task, h, k, values, key, beyond[key], extra) for key in edges],
-                 "seeds": int(best.data.params.get("num_runs", 0)), "rounds": int(best.data.params.get("num_rounds", 0)),
+                 "seeds": seeds, "rounds": rounds, "batch": batch,
                  "sweep": [f"python -m lagg_pipeline --multirun {s}" for s in sweeps],
                  "mlflow": {"experiment": experiment_name, "parent_runs": parents, "best_run": best.info.run_id},
                  "selected": time.strftime("%Y-%m-%d")}
+        other_budgets = sorted({budget(r) for r in members} - {budget(best)})
+        if other_budgets:
+            entry["other_budgets_ignored"] = [f"{r} rounds x {s} seeds, batch {b}" for r, s, b in other_budgets]
         path = out_root / task / f"{optimizer}.yaml"
         if partition != "iid":
             entry["clients"] = partition
@@ -141,7 +175,8 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
 
 def beyond_edge(key: str, best, tried: list):
     """The next value past the grid's edge when ``best`` sits on it, else None: learning rates
-    step by 3x, momenta halve their distance to 0 or divide their distance to 1 by 10."""
+    step by 3x, momenta halve their distance to 0 or divide their distance to 1 by 10. ``tried``:
+    the best point's neighbours along ``key`` (the other keys at their best values)."""
     if len(tried) < 2 or best not in (tried[0], tried[-1]):
         return None
     upward = best == tried[-1]

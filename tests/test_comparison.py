@@ -1,11 +1,11 @@
-"""Tuned-value selection and the cross-run report, on MLflow stores filled with known curves."""
+"""Tuned-value selection and the cross-run report's collection, on MLflow stores filled with known curves."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lagg_pipeline import comparison, tracking, tuning
+from lagg_pipeline import comparison, results_page, tracking, tuning, verdict
 from lagg_pipeline.benchmark import BenchmarkResult
 from lagg_pipeline.jobs import log_benchmark
 
@@ -95,6 +95,34 @@ def test_a_choice_on_the_grid_edge_records_the_sweep_one_step_past_it(tmp_path):
             tuning.beyond_edge("local_learning_rate", 0.5, [0.1, 0.5, 1.0])] == [0.99, 0.25, 0.0333, None]
 
 
+def test_select_compares_one_budget_counts_each_point_once_and_judges_edges_by_neighbours(tmp_path):
+    parent = tracking.start_run(tracking_cfg("tuning"), "sweep", {"sweep": "parent"})
+    parent.log_params({"sweep_overrides": "hparams_search=fedavgm H=8"})
+
+    def point(rounds, lr, server_lr, momentum, ov):
+        log_run("tuning", "fedavgm", fake_result("fedavgm", np.full((1, rounds), 0.3), np.full((1, 3), ov)), H=8,
+                parent=parent.run_id, params={"local_learning_rate": lr, "optimizer.server_learning_rate": server_lr,
+                                              "optimizer.momentum": momentum, "local_batch_size": 128})
+
+    point(30, 2.0, 1.0, 0.9, 0.01)  # an older grid at a smaller budget: best by far, but not comparable
+    for lr, server_lr, ov in ((0.5, 1.0, 0.3), (2.0, 1.0, 0.1), (6.0, 3.0, 0.5), (2.0, 3.0, 0.4)):
+        point(60, lr, server_lr, 0.0, ov)
+    point(60, 2.0, 1.0, 0.0, 0.12)  # the best point re-run: one point, its newest run
+    client, _ = tracking.client(tracking_cfg("tuning"))
+    (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
+    entry = OmegaConf.to_container(OmegaConf.load(path))["H8_K8"]
+    assert entry["values"] == {"local_learning_rate": 2.0, "optimizer.server_learning_rate": 1.0,
+                               "optimizer.momentum": 0.0}
+    assert entry["outer_valid_loss"] == pytest.approx(0.12) and entry["grid_points"] == 4
+    assert (entry["rounds"], entry["seeds"], entry["batch"]) == (60, 1, 128)
+    assert entry["other_budgets_ignored"] == ["30 rounds x 1 seeds, batch 128"]
+    # 6.0 was tried only at server lr 3.0: along its own line (server lr 1.0) the best lr 2.0 is the edge
+    assert entry["on_grid_edge"] == ["local_learning_rate", "optimizer.server_learning_rate"]
+    assert entry["extend"][0] == ("hparams_search=fedavgm task=digits_mlp H=8 k=8 local_learning_rate=6.0 "
+                                  "optimizer.server_learning_rate=1.0 optimizer.momentum=0.0 num_runs=1 num_rounds=60")
+    assert "optimizer.server_learning_rate=0.333" in entry["extend"][1]
+
+
 def test_tuned_values_apply_unless_the_command_line_sets_them(tmp_path, monkeypatch):
     root = tmp_path / "tuned"
     (root / "digits_mlp").mkdir(parents=True)
@@ -137,24 +165,24 @@ def test_every_grid_recipe_names_the_keys_it_tunes():
         assert tuning.grid_keys(optimizer), optimizer
 
 
-def test_rounds_to_reach_uses_the_smoothed_seed_mean():
+def test_trailing_mean_smooths_the_train_loss_and_keeps_divergence_visible():
     rounds = np.arange(1, 101, dtype=float)
-    curves = comparison.Curves("x", "fedavg", "", np.stack([1 / rounds, 1 / rounds]), np.array([0, 100]),
-                               *(np.zeros((2, 2)),) * 3)
-    # the 10-round trailing mean of 1/r first drops to <= 0.05 at round 25 (mean of 1/16..1/25)
-    smoothed = [np.mean(1 / rounds[max(0, r - 10):r]) for r in range(1, 101)]
-    expected = next(r for r in range(1, 101) if smoothed[r - 1] <= 0.05)
-    assert comparison.rounds_to_reach(curves, 0.05) == expected
-    assert comparison.rounds_to_reach(curves, 1e-9) is None
+    expected = [np.mean(1 / rounds[max(0, r - 10):r]) for r in range(1, 101)]
+    np.testing.assert_allclose(verdict.trailing_mean(1 / rounds), expected)
+    curve = 1 / rounds
+    curve[40] = np.inf  # a diverged seed in the mean: infinite while it is in the window, not NaN
+    smoothed = verdict.trailing_mean(curve)
+    assert np.isinf(smoothed[40:50]).all() and np.isfinite(smoothed[:40]).all()
+    np.testing.assert_allclose(smoothed[50:], expected[50:])
 
 
-def test_report_pools_seeds_ranks_methods_and_states_the_verdict(tmp_path):
+def test_report_pools_seeds_of_one_method_and_keeps_the_newest_rerun(tmp_path):
     R = 300
     r = np.arange(1, R + 1, dtype=float)
     fedavg = np.stack([1 / np.sqrt(r)] * 2)
     learned = np.stack([0.5 / np.sqrt(r)] * 2)
-    # an older run of the same method and starting seed is replaced by the newer one
-    log_run("results", "fedavg", fake_result("fedavg", 5 * fedavg), params={"local_learning_rate": 0.1})
+    # an older run of the same method, settings and starting seed is replaced by the newer one
+    log_run("results", "fedavg", fake_result("fedavg", 5 * fedavg), params={"local_learning_rate": 0.5})
     log_run("results", "fedavg", fake_result("fedavg", fedavg), params={"local_learning_rate": 0.5})
     log_run("results", "fedadam", fake_result("fedadam", 2 * fedavg),
             params={"local_learning_rate": 0.5, "optimizer.server_learning_rate": 0.01})
@@ -168,66 +196,19 @@ def test_report_pools_seeds_ranks_methods_and_states_the_verdict(tmp_path):
     client, _ = tracking.client(tracking_cfg("results"))
     groups = comparison.collect(client, "results")
     skewed = ("digits_mlp", 8, 4, R, "dirichlet(alpha=0.1, M=64)")
-    np.testing.assert_array_equal(groups.pop(skewed)[0].train_loss, 3 * fedavg)
-    (key, curves), = groups.items()
-    assert key == ("digits_mlp", 8, 4, R, "iid")
+    np.testing.assert_array_equal(groups[skewed][0].train_loss, 3 * fedavg)
+    curves = groups[("digits_mlp", 8, 4, R, "iid")]
     assert [c.method for c in curves] == ["lagg_a@digits_k8_h4", "fedavg", "fedadam"]
     assert curves[0].train_loss.shape == (4, R) and curves[1].train_loss.shape == (2, R)
     np.testing.assert_array_equal(curves[1].train_loss, fedavg)
-    header, table, numbers = comparison.rows(curves)
-    assert header[2:6] == ["train r50", "train r100", "train r250", f"train r{R}"]
-    assert table[1][1] == "local_learning_rate=0.5" and table[2][1].endswith("server_learning_rate=0.01")
-    assert table[0][2] == f"{0.5 / np.sqrt(50):.4g} ± 0"
-    assert table[1][-1] == "300" and table[2][-1] == "> 300"
-    lines = comparison.verdict(numbers, R)
-    assert lines[0].startswith("- **lagg_a@digits_k8_h4**: lowest train loss at every reported round from 100 on")
-    assert "does not match it" in lines[0]  # its outer-valid loss 0.6 is above the baselines' 0.5
-    text = comparison.markdown(groups, tmp_path)
-    assert (tmp_path / f"digits_mlp_K8_H4_R{R}.png").stat().st_size > 10_000
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{comparison.BEGIN}\nold numbers\n{comparison.END}\ntail\n")
-    comparison.splice_readme(readme, text)
-    content = readme.read_text()
-    assert "old numbers" not in content and content.startswith("intro\n") and content.endswith("tail\n")
-    assert "| **lagg_a@digits_k8_h4** |" in content
-    text = comparison.markdown({skewed: [comparison.collect(client, "results")[skewed][0]]}, tmp_path)
+    assert curves[1].settings == "local_learning_rate=0.5" and curves[2].settings.endswith("server_learning_rate=0.01")
+    assert curves[0].settings == "local_learning_rate=0.5, meta-params: shipped digits_k8_h4"
+    text = results_page.markdown(results_page.judge_all(groups), tmp_path)
     assert "### digits_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64): 300 rounds, 2 seeds" in text
+    assert text.count("No learned method ran in this group: nothing to judge.") == 1
+    assert "### digits_mlp, K=8, H=4: 300 rounds, 2/4 seeds" in text
+    assert (tmp_path / f"digits_mlp_K8_H4_R{R}.png").stat().st_size > 10_000
     assert (tmp_path / f"digits_mlp_K8_H4_R{R}_dirichlet_alpha0.1_M64.png").is_file()
-
-
-def test_held_out_verdict_names_where_and_by_how_much():
-    rounds = np.array([0, 50, 100])
-    baseline = {"outer_valid": 0.04, "outer_valid_curve": np.array([2.3, 0.10, 0.04]),
-                "test_accuracy_curve": np.array([0.1, 0.970, 0.980])}
-
-    def learned(ov, acc):
-        return {"outer_valid": ov[-1], "outer_valid_curve": np.array(ov), "test_accuracy_curve": np.array(acc),
-                "eval_rounds": rounds}
-
-    # within 5% on the loss and half a point on accuracy everywhere: a match
-    text = comparison.held_out(learned([2.3, 0.104, 0.03], [0.1, 0.966, 0.990]), baseline, "fedyogi")
-    assert text.startswith("matches or beats fedyogi (the best baseline on held-out data) at every evaluation")
-    text = comparison.held_out(learned([2.3, 0.106, 0.03], [0.1, 0.964, 0.990]), baseline, "fedyogi")
-    assert text == ("outer-valid loss 0.03 at the last round vs fedyogi's 0.04; does not match it at every evaluation: "
-                    "outer-valid loss more than 5% above fedyogi's at 1 of 3 evaluations (first at round 50: 0.106 vs "
-                    "0.1), and test accuracy more than 0.5 points below fedyogi's at 1 of 3 evaluations (first at "
-                    "round 50: 0.964 vs 0.97)")
-    nan = learned([2.3, np.nan, np.nan], [0.1, 0.1, 0.1])  # a diverged run never matches
-    text = comparison.held_out(nan, baseline, "fedyogi")
-    assert text.startswith("outer-valid loss diverged at the last round vs fedyogi's 0.04")
-    assert "at 2 of 3 evaluations (first at round 50: diverged vs 0.1)" in text
-
-
-def test_a_diverged_baseline_beats_nobody_and_is_nobodys_reference():
-    curve = lambda ov: {"outer_valid_curve": np.array([2.3, ov]), "test_accuracy_curve": np.array([0.1, 0.9]),
-                        "eval_rounds": np.array([0, 100]), "outer_valid": ov}
-    numbers = {"lagg_a@x": {"optimizer": "lagg_a", "train_r100": 0.5, **curve(0.6)},
-               "fedavg": {"optimizer": "fedavg", "train_r100": np.nan, **curve(np.nan)},
-               "sgd": {"optimizer": "sgd", "train_r100": 0.7, **curve(0.8)}}
-    (line,) = comparison.verdict(numbers, 100)
-    assert line.startswith("- **lagg_a@x**: lowest train loss at every reported round from 100 on; matches or beats sgd")
-    numbers["sgd"] = {"optimizer": "sgd", "train_r100": np.inf, **curve(np.inf)}
-    assert comparison.verdict(numbers, 100) == []  # no baseline left to compare with
 
 
 def test_experiments_open_on_the_runs_view_in_the_mlflow_ui():
@@ -296,7 +277,7 @@ def test_retrying_rides_out_a_locked_database(monkeypatch):
 def test_shipped_table_lists_every_shipped_aggregator_with_its_settings():
     from lagg_pipeline import pretrained
 
-    rows = comparison.shipped_table().splitlines()[2:]
+    rows = results_page.shipped_table().splitlines()[2:]
     assert len(rows) == len(pretrained.available())
     assert all(row.count("|") == 13 for row in rows)
     (row,) = [r for r in rows if "`digits_k8_h4_ov`" in r]

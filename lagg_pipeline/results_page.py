@@ -1,0 +1,199 @@
+"""The report's page: per group, the test-split tables, time to target, the verdict and a plot.
+
+Outer-valid numbers appear once, labelled as the split the baselines were tuned on (and the
+``_ov`` aggregators meta-trained on), beside the test loss so the generalisation gap of a learned
+aggregator can be compared with the baselines'.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from lagg_pipeline.comparison import Curves
+from lagg_pipeline.config import partition_slug
+from lagg_pipeline.report import LOSS_FLOOR, TRAIN_TAIL, floored
+from lagg_pipeline.verdict import Judgement, Stats, judge
+
+SPLITS = ("Which split decides what (SPEC 5): *train* drives the inner optimisation; *outer-valid* tuned the "
+          "baselines and is the meta-objective of the `_ov` aggregators; *inner-valid* is free for a meta-objective; "
+          "*test* is read by this report and nothing else, so every verdict below reads the test split. Outer-valid "
+          "numbers appear only as the split a method was tuned or meta-trained on.")
+TABLE_ROUNDS = (100, 250)  # besides the last evaluation
+PLOTTED_BASELINES = 3  # beside each learned aggregator: the best few, so the lines stay apart
+ERROR_FLOOR = 1e-4
+
+
+class Page(NamedTuple):
+    key: tuple  # (task, K, H, rounds, partition)
+    title: str
+    curves: list[Curves]
+    judgement: Judgement
+
+
+def judge_all(groups: dict[tuple, list[Curves]]) -> list[Page]:
+    """Every group judged (a group without a common evaluation is a one-line error)."""
+    pages = []
+    for key, curves in groups.items():
+        task, k, h, rounds, partition = key
+        seeds = sorted({c.train_loss.shape[0] for c in curves})
+        clients = "" if partition == "iid" else f", clients: {partition}"
+        title = f"{task}, K={k}, H={h}{clients}: {rounds} rounds, {'/'.join(map(str, seeds))} seeds"
+        pages.append(Page(key, title, curves, judge(curves, title)))
+    return pages
+
+
+def _fmt(values: np.ndarray) -> str:
+    if not len(values):
+        return "diverged"
+    mean = float(np.mean(values))
+    return f"{mean:.4g} ± {float(np.std(values)):.2g}" if np.isfinite(mean) else "diverged"
+
+
+def _seeds(s: Stats) -> str:
+    if not s.diverged:
+        return str(s.seeds)
+    return f"{s.seeds}, {s.diverged} diverged" + (" (against it)" if s.curves.learned else " †")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def held_out_table(j: Judgement) -> list[str]:
+    """Test accuracy and loss at rounds 100, 250 and the last; train loss; outer-valid beside test."""
+    last = int(j.rounds[-1])
+    marks = sorted({int(j.rounds[np.argmax(j.rounds >= m)]) for m in TABLE_ROUNDS if (j.rounds >= m).any()} - {last})
+    marks.append(last)
+    at = [int(np.searchsorted(j.rounds, m)) for m in marks]
+    header = ["method", "settings", "seeds", *(f"test acc r{m}" for m in marks), *(f"test loss r{m}" for m in marks),
+              f"train loss (last {TRAIN_TAIL} rounds)", f"outer-valid loss r{last} (tuned/meta-trained on)",
+              f"gap r{last}: test − outer-valid"]
+    rows = []
+    for s in j.rows:
+        name = f"**{s.name}**" if s.curves.learned else s.name
+        rows.append([name, s.curves.settings, _seeds(s), *(_fmt(s.test_accuracy[:, i]) for i in at),
+                     *(_fmt(s.test_loss[:, i]) for i in at), _fmt(s.train[:, -TRAIN_TAIL:].mean(axis=1)),
+                     _fmt(s.outer_valid[:, -1]), _fmt(s.test_loss[:, -1] - s.outer_valid[:, -1])])
+    return _table(header, rows)
+
+
+def target_table(j: Judgement) -> list[str]:
+    """Rounds to the best baseline's final test accuracy and train loss, and the ratio to the fastest baseline."""
+    if not j.targets:
+        return []
+    baselines = [s.name for s in j.rows if not s.curves.learned and len(s.train)]
+    header, columns = ["method"], []
+    for kind, what in (("accuracy", "test accuracy"), ("train", "train loss")):
+        value, owner, reached = j.targets[kind]
+        fastest = min(reached[b] for b in baselines if reached[b])
+        header += [f"rounds to {owner}'s final {what} {value:.4g}", "× fastest baseline"]
+        columns.append((reached, fastest))
+    horizon = j.rows[0].train.shape[1]
+    rows = [[f"**{s.name}**" if s.curves.learned else s.name,
+             *(cell for reached, fastest in columns for cell in
+               ((str(reached[s.name]), f"{reached[s.name] / fastest:.2g}") if reached[s.name] else
+                (f"> {horizon}", "—")))] for s in j.rows]
+    return _table(header, rows)
+
+
+def _colours(names: Sequence[str]) -> dict[str, tuple]:
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: palette(i % palette.N) for i, n in enumerate(names)}
+
+
+def plot_page(page: Page, path: Path) -> Path:
+    """One row of panels per learned aggregator, beside the best few baselines (by final test loss):
+    train loss, test loss and test error rate (1 − accuracy), each on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = page.judgement.rows
+    baselines = sorted((s for s in rows if not s.curves.learned and len(s.train)),
+                       key=lambda s: s.mean("test_loss")[-1])
+    learned = [s for s in rows if s.curves.learned]
+    panels = [[s, *baselines[:PLOTTED_BASELINES]] for s in learned] or [baselines[:PLOTTED_BASELINES + 2]]
+    colour = _colours([s.name for s in rows])
+    fig, axes = plt.subplots(len(panels), 3, figsize=(16, 3.6 * len(panels)), squeeze=False)
+    rounds = page.judgement.rounds
+    for axes_row, members in zip(axes, panels):
+        for s in members:
+            style = dict(color=colour[s.name], lw=1.8 if s.curves.learned else 1.2,
+                         ls="-" if s.curves.learned else "--")
+            axes_row[0].plot(np.arange(1, s.train.shape[1] + 1), floored(s.smoothed_train()), label=s.name, **style)
+            axes_row[1].plot(rounds, floored(s.mean("test_loss")), **style)
+            axes_row[2].plot(rounds, np.maximum(1 - s.mean("test_accuracy"), ERROR_FLOOR), **style)
+        axes_row[0].legend(fontsize=8)
+        for ax, title in zip(axes_row, (f"train loss ({TRAIN_TAIL}-round mean, clipped at {LOSS_FLOOR:g})",
+                                        "test loss", "test error rate (1 − accuracy)")):
+            ax.set(yscale="log", title=title, xlabel="communication rounds")
+            ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{page.title} — test split; " + (f"each learned aggregator beside the {PLOTTED_BASELINES} "
+                 "baselines with the lowest final test loss" if learned else "the baselines with the lowest final "
+                 "test loss"))
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def markdown(pages: list[Page], out: Path, image_prefix: str = "", notes: Sequence[str] = ()) -> str:
+    """The report's markdown, with one plot per group written into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [SPLITS, "", *(f"> {note}" for note in notes), *([""] if notes else [])]
+    for page in pages:
+        task, k, h, rounds, partition = page.key
+        image = plot_page(page, out / f"{task}_K{k}_H{h}_R{rounds}{partition_slug(partition)}.png")
+        targets = target_table(page.judgement)
+        parts += [f"### {page.title}", "", *held_out_table(page.judgement), "",
+                  *(["Time to target (rounds; the best tuned baseline's final value):", "", *targets, ""]
+                    if targets else []),
+                  *page.judgement.lines, "", f"![{page.title}]({image_prefix}{image.name})", ""]
+    return "\n".join(parts)
+
+
+_VERDICT = re.compile(r"^- \*\*(.+?)\*\* (holds|does not hold) on the test split\.(.*)$", re.M)
+_CRITERIA = ("(1) train loss below every baseline's", "(2) test accuracy within", "(3) test loss within")
+
+
+def headline(results: str, link: str) -> str:
+    """One row per comparison of a generated Results page (``markdown``'s text), read from its verdict
+    lines: which learned methods hold on the test split, and which meet each criterion at every evaluation."""
+    rows = ["| comparison | holds on the test split | (1) lowest train loss throughout | (2) test accuracy within "
+            "0.5 points throughout | (3) test loss within 10% throughout |", "|---|---|---|---|---|"]
+    for section in re.split(r"^### ", results, flags=re.M)[1:]:
+        title = section.splitlines()[0]
+        verdicts = _VERDICT.findall(section)
+        if not verdicts:
+            continue
+        met = lambda criterion: [name for name, _, text in verdicts
+                                 if re.search(re.escape(criterion) + r"[^;]*? at (\d+) of \1 evaluations", text)]
+        anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        cells = [[name for name, holds, _ in verdicts if holds == "holds"], *(met(c) for c in _CRITERIA)]
+        rows.append(f"| [{title.split(':')[0] if 'clients:' not in title else ':'.join(title.split(':')[:2])}]"
+                    f"({link}#{anchor}) | " + " | ".join(", ".join(c) or "none" for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def shipped_table() -> str:
+    """The shipped aggregators, from their own metadata: settings, length and cost of meta-training."""
+    from lagg_pipeline import pretrained
+
+    lines = ["| optimizer | pretrained= | task | K | H | γ | clients | meta-loss | start | outer steps | meta-training "
+             "| re-create |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (variant, name), file in pretrained.available().items():
+        m = pretrained.metadata(file)
+        seconds = m.get("meta_train_seconds")
+        minutes = f"{seconds / 60:.0f} min" if seconds else "?"
+        lines.append(f"| {variant} | `{name}` | {m.get('task')} | {m.get('num_grads')} | {m.get('num_local_steps')} | "
+                     f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {m.get('meta_loss_split', 'train')} | "
+                     f"{m.get('meta_init', 'random')} | {m.get('outer_steps')} | "
+                     f"{minutes} | `{m.get('command', '?')}` |")
+    return "\n".join(lines)
