@@ -129,7 +129,7 @@ def _variants(parsed) -> list[list[str]]:
 def check_optimizer(cfg) -> None:
     """Construct the server update once, so its own argument checks run up front."""
     from lagg_pipeline.config import HAND_OPTIMIZERS
-    from lagg_pipeline.jobs import hand_server_update
+    from lagg_pipeline.jobs.common import hand_server_update
 
     if cfg.optimizer.name in HAND_OPTIMIZERS:
         hand_server_update(cfg.optimizer)
@@ -140,7 +140,7 @@ def preflight(overrides: list[str]):
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lagg_pipeline.jobs import check_inputs
+    from lagg_pipeline.jobs.inputs import check_inputs
 
     config_module.register()
     try:

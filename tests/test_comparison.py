@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from lagg_pipeline import comparison, tracking, tuning
 from lagg_pipeline.benchmark import BenchmarkResult
-from lagg_pipeline.jobs import log_benchmark
+from lagg_pipeline.jobs.benchmark import log_benchmark
 
 
 def tracking_cfg(experiment):
