@@ -7,6 +7,7 @@ line naming the key and what is allowed (exit code 2), never a traceback.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from dataclasses import fields, is_dataclass
@@ -19,6 +20,9 @@ from omegaconf import OmegaConf
 
 from lagg_pipeline import config as config_module
 from lagg_pipeline.config import SHORTHANDS, Config, ConfigError, validate
+
+# MLflow's loggers then reach Hydra's: INFO into the run's log file, warnings to the terminal.
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 CONFIG_MODULE = "lagg_pipeline.conf"
 _VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
@@ -202,7 +206,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = [*flags, *overrides]
     if _INFO_FLAGS.intersection(flags):
         sys.argv = [sys.argv[0], *argv]
-        return _hydra_main()
+        if not {"-h", "--help"}.intersection(flags):
+            return _hydra_main()
+        import contextlib
+        import io
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as text:
+                _hydra_main()
+        finally:  # Hydra exits after its help; conf/tuned_hparams/ holds data the jobs read, not options
+            print("\n".join(line for line in text.getvalue().splitlines() if not line.startswith("tuned_hparams/")))
+        return None
     try:
         base_cfg = preflight(overrides)
     except ConfigError as err:
