@@ -113,3 +113,50 @@ def test_two_process_meta_training_from_the_command_line_matches_one_process():
     assert len(histories[0]) == 4
     np.testing.assert_allclose(histories[0], histories[1], rtol=1e-5)  # the same meta-losses, step by step
 
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint_and_resumes_bit_for_bit():
+    """SIGTERM reaches process 1 only: both agree on it at the same outer step, process 0 writes
+    one checkpoint there and ends its run KILLED, both exit 143 (no hang in a lone gather), and
+    resume=true finishes bit for bit like an uninterrupted two-process meta-training."""
+    import signal
+    import time
+
+    from test_e2e import TINY_META, mlflow_runs
+
+    args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=40", "save_iter=3", "progress=false"]
+
+    def two_processes(checkpoint_dir, *extra):
+        port = free_port()
+        return [spawn(["-m", "lagg_pipeline", *args, f"checkpoint_dir={checkpoint_dir}", "distributed.enabled=true",
+                       f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                       f"distributed.process_id={pid}", *extra]) for pid in (0, 1)]
+
+    processes = two_processes("termed")
+    try:
+        deadline = time.time() + 600
+        while not list(Path("termed").rglob("ckpt_00000003.npz")) and time.time() < deadline:
+            time.sleep(0.2)
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [143, 143], outputs
+    (run_dir,) = [p for p in Path("termed").iterdir() if p.is_dir()]
+    steps = sorted(int(p.stem.split("_")[1]) for p in run_dir.glob("ckpt_*.npz"))
+    stopped = steps[-1]
+    assert stopped < 40 and all(s % 3 == 0 for s in steps[:-1])
+    assert all(f"SIGTERM at outer step {stopped}" in out for out in outputs), outputs
+    (run,) = mlflow_runs()
+    assert run.info.status == "KILLED"
+    resumed = finish(two_processes("termed", "resume=true"))
+    assert f"resuming {run_dir.name} at outer step {stopped}" in resumed[0]
+    finish(two_processes("straight"))
+    (straight,) = [p for p in Path("straight").iterdir() if p.is_dir()]
+    a, b = np.load(straight / "meta_params.npz"), np.load(run_dir / "meta_params.npz")
+    for name in a.files:
+        if name != "__metadata__":
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert sorted(r.info.status for r in mlflow_runs()) == ["FINISHED", "FINISHED"]

@@ -62,3 +62,26 @@ def test_a_recipes_keys_leave_out_its_group_choices():
     keys = recipe_keys("paper_fmnist")
     assert "num_rounds" in keys and not {"defaults", "task", "hydra"} & keys
     assert recipe_keys(None) == set()
+
+
+def test_the_headline_reads_the_verdicts_the_report_writes(tmp_path):
+    """Built from comparison.markdown's own output, so a change of its verdict wording shows here."""
+    import numpy as np
+
+    from lagg_pipeline import comparison
+    from lagg_pipeline.jobs.report import headline
+
+    R, r = 300, np.arange(1, 301, dtype=float)
+    evals = np.array([0, 150, 300])
+
+    def curves(method, optimizer, train, outer_valid):
+        return comparison.Curves(method, optimizer, "", np.stack([train] * 2), evals, np.ones((2, 3)),
+                                 np.full((2, 3), 0.9), np.full((2, 3), outer_valid))
+
+    group = [curves("lagg_a@fast", "lagg_a", 0.5 / np.sqrt(r), 0.4), curves("lagg_a@slow", "lagg_a", 2 / np.sqrt(r), 0.6),
+             curves("fedavg", "fedavg", 1 / np.sqrt(r), 0.5)]
+    text = comparison.markdown({("digits_mlp", 8, 4, R, "iid"): group}, tmp_path)
+    table = headline(text, "docs/results.md").splitlines()
+    assert len(table) == 3
+    assert table[2] == ("| [digits_mlp, K=8, H=4](docs/results.md#digits_mlp-k8-h4-300-rounds-2-seeds) | lagg_a@fast | "
+                        "lagg_a@fast | lagg_a@fast (best: fedavg) |")
