@@ -27,3 +27,25 @@ def test_a_first_run_prints_no_third_party_info_lines():
     assert "INFO" not in terminal and "fedavg" in result.stdout
     (log,) = Path("outputs/runs").rglob("lagg_pipeline.log")
     assert "Creating initial MLflow database tables" in log.read_text()  # kept where it belongs
+
+
+def test_make_ui_prints_the_runs_table_url_and_serves_with_one_worker(monkeypatch, capsys):
+    from lagg_pipeline import tracking, ui
+
+    served = []
+    monkeypatch.setattr(ui.os, "execvpe", lambda path, args, env: served.append((args, env)))
+    ui.main(["--port", "5055"])
+    (args, env), = served
+    _, experiment_id = _client()
+    assert f"http://127.0.0.1:5055/#/experiments/{experiment_id}/runs" in capsys.readouterr().out
+    assert args[1] == "server" and args[args.index("--workers") + 1] == "1"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no job consumers for a local store
+    assert args[args.index("--backend-store-uri") + 1] == tracking.tracking_uri()
+
+
+def _client():
+    from omegaconf import OmegaConf
+
+    from lagg_pipeline import tracking
+
+    return tracking.client(OmegaConf.create({"enabled": True, "uri": None, "experiment": "lagg_pipeline"}))
