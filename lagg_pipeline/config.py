@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from lagg_pipeline.errors import ConfigError  # noqa: F401  (the schema's modules import it from here)
+
 MODES = ("auto", "benchmark", "meta_train", "import_legacy", "select_tuned", "report")
 HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "fedadam", "fedyogi")
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
@@ -20,10 +22,6 @@ MODELS = ("mlp", "conv")
 META_LOSS_SPLITS = ("train", "outer_valid")
 META_INITS = ("random", "averaging")
 SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}  # the H/ and k/ config groups set these keys
-
-
-class ConfigError(ValueError):
-    """A configuration value that is refused before any compute starts (one line)."""
 
 
 @dataclass
