@@ -119,7 +119,7 @@ class Config:
     seed: int = 0
     with_fedavg: bool = True  # benchmark (tuned) FedAvg beside a learned optimizer
     fedavg_local_learning_rate: Optional[float] = None  # that FedAvg's gamma; null: its tuned one
-    tuned: bool = True  # apply conf/tuned_hparams/<task>/<optimizer>.yaml (keys set on the command line win)
+    tuned: bool = True  # apply conf/tuned_hparams/<task>/<optimizer>.yaml (keys the user chose win)
     data_dir: Optional[str] = None
     compile_cache_dir: Optional[str] = "~/.cache/lagg_pipeline/xla"  # XLA's persistent cache; null: off
     progress: bool = True
