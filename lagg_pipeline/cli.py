@@ -178,6 +178,22 @@ def preflight(overrides: list[str]):
     return base_cfg
 
 
+def register_help(groups: dict[str, list[str]]) -> str:
+    """Hydra's help with the groups a user chooses (Hydra's own list also shows the data under
+    conf/tuned_hparams/ as groups); returns the name of the hydra/help option."""
+    from hydra.core.config_store import ConfigStore
+
+    listing = "\n".join(f"{name}: {', '.join(options)}" for name, options in sorted(groups.items()))
+    template = ("${hydra.help.header}\n== Configuration groups ==\nCompose your configuration from those groups "
+                f"(group=option)\n\n{listing}\n\n== Config ==\nOverride anything in the config (foo.bar=value)\n\n"
+                "$CONFIG\n\n${hydra.help.footer}")
+    ConfigStore.instance().store(group="hydra/help", name="lagg_pipeline", node={
+        "app_name": "lagg_pipeline", "header": "${hydra.help.app_name} is powered by Hydra.\n",
+        "footer": "Powered by Hydra (https://hydra.cc)\nUse --hydra-help to view Hydra specific help\n",
+        "template": template}, provider="lagg_pipeline")
+    return "lagg_pipeline"
+
+
 def _fail(message: str, code: int = 2):
     print(f"lagg_pipeline: error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -206,17 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = [*flags, *overrides]
     if _INFO_FLAGS.intersection(flags):
         sys.argv = [sys.argv[0], *argv]
-        if not {"-h", "--help"}.intersection(flags):
-            return _hydra_main()
-        import contextlib
-        import io
-
-        try:
-            with contextlib.redirect_stdout(io.StringIO()) as text:
-                _hydra_main()
-        finally:  # Hydra exits after its help; conf/tuned_hparams/ holds data the jobs read, not options
-            print("\n".join(line for line in text.getvalue().splitlines() if not line.startswith("tuned_hparams/")))
-        return None
+        if {"-h", "--help"}.intersection(flags):
+            sys.argv.append(f"hydra/help={register_help(groups)}")
+        return _hydra_main()
     try:
         base_cfg = preflight(overrides)
     except ConfigError as err:
