@@ -50,10 +50,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(args, local_devices: int = 1, **popen):
+def spawn(args, local_devices: int = 1, stdout=subprocess.PIPE, **popen):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(TESTS),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=stdout, stderr=subprocess.STDOUT,
                             text=True, **popen)
 
 
@@ -128,10 +128,19 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint_and_resumes_bit_for
     args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=40", "save_iter=3", "progress=false"]
 
     def two_processes(checkpoint_dir, *extra):
+        """Both processes' output goes to files: a full pipe would stall one inside a collective."""
         port = free_port()
         return [spawn(["-m", "lagg_pipeline", *args, f"checkpoint_dir={checkpoint_dir}", "distributed.enabled=true",
                        f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-                       f"distributed.process_id={pid}", *extra]) for pid in (0, 1)]
+                       f"distributed.process_id={pid}", *extra], stdout=open(f"{checkpoint_dir}{pid}.log", "w"))
+                for pid in (0, 1)]
+
+    def outputs_of(processes, checkpoint_dir):
+        for p in processes:
+            p.wait(timeout=600)
+        texts = [Path(f"{checkpoint_dir}{pid}.log").read_text() for pid in (0, 1)]
+        print(*texts, sep="\n----\n")  # shown when the test fails
+        return texts
 
     from lagg_pipeline.data import load_splits
 
@@ -140,9 +149,10 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint_and_resumes_bit_for
     try:
         deadline = time.time() + 600
         while not list(Path("termed").rglob("ckpt_00000003.npz")) and time.time() < deadline:
+            assert all(p.poll() is None for p in processes), outputs_of(processes, "termed")
             time.sleep(0.2)
         processes[1].send_signal(signal.SIGTERM)
-        outputs = [p.communicate(timeout=300)[0] for p in processes]
+        outputs = outputs_of(processes, "termed")
     finally:
         for p in processes:
             p.kill()
@@ -154,9 +164,11 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint_and_resumes_bit_for
     assert all(f"SIGTERM at outer step {stopped}" in out for out in outputs), outputs
     (run,) = mlflow_runs()
     assert run.info.status == "KILLED"
-    resumed = finish(two_processes("termed", "resume=true"))
-    assert f"resuming {run_dir.name} at outer step {stopped}" in resumed[0]
-    finish(two_processes("straight"))
+    resumed = two_processes("termed", "resume=true")
+    assert f"resuming {run_dir.name} at outer step {stopped}" in outputs_of(resumed, "termed")[0]
+    uninterrupted = two_processes("straight")
+    outputs_of(uninterrupted, "straight")
+    assert [p.returncode for p in resumed + uninterrupted] == [0, 0, 0, 0]
     (straight,) = [p for p in Path("straight").iterdir() if p.is_dir()]
     a, b = np.load(straight / "meta_params.npz"), np.load(run_dir / "meta_params.npz")
     for name in a.files:
