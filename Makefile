@@ -39,9 +39,8 @@ test-slow: install-dev ## the slow end-to-end smoke tests only
 sweep: install ## a grid: fedavg and slowmo x H x local learning rate, one MLflow parent run
 	$(PY) -m lagg_pipeline --multirun optimizer=fedavg,slowmo H=4,8,16 local_learning_rate=0.5,0.3,0.1 $(ARGS)
 
-ui: install ## serve the MLflow UI for the local store on http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \
-		--default-artifact-root $(CURDIR)/outputs/mlartifacts --host 127.0.0.1 --port 5000
+ui: install ## serve the MLflow UI of the local store; prints the URL of the runs table (ARGS="--experiment results")
+	$(PY) -m lagg_pipeline.ui $(ARGS)
 
 bench: install ## the speed yardstick: rounds, PES steps, compile, memory, % of the matmul limit (one run)
 	$(PY) -m lagg_pipeline.bench $(ARGS)
@@ -66,10 +65,10 @@ tune-extend: install ## sweep one step past each grid edge a tuned choice sits o
 		$(PY) -m lagg_pipeline --multirun $$overrides || exit 1; done
 	$(PY) -m lagg_pipeline mode=select_tuned
 
-# The README's Results: tuned baselines and the shipped aggregators, 5 seeds x 1000 rounds,
-# into the MLflow experiment "results"; then the report rewrites the README section. Seen
-# tasks: digits_mlp and mnist1d (the family meta-trains on digits_mlp and mnist1d_mlp_small);
-# unseen: mnist5k_mlp and the conv net digits_conv (against tuned FedAvg).
+# The Results (docs/results.md, and the README's headline): tuned baselines and the shipped
+# aggregators, 5 seeds x 1000 rounds, into the MLflow experiment "results"; then `make report`.
+# Seen tasks: digits_mlp and MNIST-1D (the family meta-trains on digits_mlp and
+# mnist1d_mlp_small); unseen: mnist5k_mlp and the conv net digits_conv (against tuned FedAvg).
 RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
 SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false
 COMMA := ,
@@ -89,7 +88,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_conv H=4 $(SHIPPED_ARGS) pretrained=family_k8_h4
 	$(MAKE) report
 
-# Heterogeneous clients (README "Heterogeneous clients"): MNIST-1D over 64 clients with
+# Heterogeneous clients (docs/clients.md): MNIST-1D over 64 clients with
 # Dirichlet(0.1) and Dirichlet(1.0) label skew, 8 per round, H=4; baselines tuned over those same clients.
 FED_BASELINES := fedavg fedavgm fedadam diloco
 FED_ARGS := task=mnist1d_mlp H=4 partition=dirichlet partition.num_clients=64 partition.alpha=0.1,1.0
@@ -104,8 +103,9 @@ results-federated: install ## the heterogeneous-clients comparison (MNIST-1D, Di
 		$(FED_ARGS) $(SHIPPED_ARGS)
 	$(MAKE) report
 
-report: install ## the comparison report of the "results" experiment, spliced into README.md
-	$(PY) -m lagg_pipeline mode=report tracking.experiment=results report_dir=docs/results readme=README.md
+report: install ## the comparison report of the "results" experiment: docs/results.md and the README's headline
+	$(PY) -m lagg_pipeline mode=report tracking.experiment=results report_dir=docs/results readme=docs/results.md \
+		headline=README.md
 
 clean: ## remove outputs, caches and build files (keeps .venv)
 	rm -rf outputs multirun build dist *.egg-info .pytest_cache

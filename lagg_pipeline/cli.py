@@ -7,6 +7,7 @@ line naming the key and what is allowed (exit code 2), never a traceback.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from dataclasses import fields, is_dataclass
@@ -19,6 +20,9 @@ from omegaconf import OmegaConf
 
 from lagg_pipeline import config as config_module
 from lagg_pipeline.config import SHORTHANDS, Config, ConfigError, validate
+
+# MLflow's loggers then reach Hydra's: INFO into the run's log file, warnings to the terminal.
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 CONFIG_MODULE = "lagg_pipeline.conf"
 _VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
@@ -129,7 +133,7 @@ def _variants(parsed) -> list[list[str]]:
 def check_optimizer(cfg) -> None:
     """Construct the server update once, so its own argument checks run up front."""
     from lagg_pipeline.config import HAND_OPTIMIZERS
-    from lagg_pipeline.jobs import hand_server_update
+    from lagg_pipeline.jobs.common import hand_server_update
 
     if cfg.optimizer.name in HAND_OPTIMIZERS:
         hand_server_update(cfg.optimizer)
@@ -140,7 +144,7 @@ def preflight(overrides: list[str]):
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lagg_pipeline.jobs import check_inputs
+    from lagg_pipeline.jobs.inputs import check_inputs
 
     config_module.register()
     try:
@@ -174,6 +178,22 @@ def preflight(overrides: list[str]):
     return base_cfg
 
 
+def register_help(groups: dict[str, list[str]]) -> str:
+    """Hydra's help with the groups a user chooses (Hydra's own list also shows the data under
+    conf/tuned_hparams/ as groups); returns the name of the hydra/help option."""
+    from hydra.core.config_store import ConfigStore
+
+    listing = "\n".join(f"{name}: {', '.join(options)}" for name, options in sorted(groups.items()))
+    template = ("${hydra.help.header}\n== Configuration groups ==\nCompose your configuration from those groups "
+                f"(group=option)\n\n{listing}\n\n== Config ==\nOverride anything in the config (foo.bar=value)\n\n"
+                "$CONFIG\n\n${hydra.help.footer}")
+    ConfigStore.instance().store(group="hydra/help", name="lagg_pipeline", node={
+        "app_name": "lagg_pipeline", "header": "${hydra.help.app_name} is powered by Hydra.\n",
+        "footer": "Powered by Hydra (https://hydra.cc)\nUse --hydra-help to view Hydra specific help\n",
+        "template": template}, provider="lagg_pipeline")
+    return "lagg_pipeline"
+
+
 def _fail(message: str, code: int = 2):
     print(f"lagg_pipeline: error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -202,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = [*flags, *overrides]
     if _INFO_FLAGS.intersection(flags):
         sys.argv = [sys.argv[0], *argv]
+        if {"-h", "--help"}.intersection(flags):
+            sys.argv.append(f"hydra/help={register_help(groups)}")
         return _hydra_main()
     try:
         base_cfg = preflight(overrides)

@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from lagg_pipeline.errors import ConfigError  # noqa: F401  (the schema's modules import it from here)
+
 MODES = ("auto", "benchmark", "meta_train", "import_legacy", "select_tuned", "report")
 HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "fedadam", "fedyogi")
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
@@ -20,10 +22,6 @@ MODELS = ("mlp", "conv")
 META_LOSS_SPLITS = ("train", "outer_valid", "resplit")
 META_INITS = ("random", "averaging")
 SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}  # the H/ and k/ config groups set these keys
-
-
-class ConfigError(ValueError):
-    """A configuration value that is refused before any compute starts (one line)."""
 
 
 @dataclass
@@ -120,7 +118,8 @@ class Config:
     eval_every: int = 25
     seed: int = 0
     with_fedavg: bool = True  # benchmark (tuned) FedAvg beside a learned optimizer
-    tuned: bool = True  # apply conf/tuned_hparams/<task>/<optimizer>.yaml (keys set on the command line win)
+    fedavg_local_learning_rate: Optional[float] = None  # that FedAvg's gamma; null: its tuned one
+    tuned: bool = True  # apply conf/tuned_hparams/<task>/<optimizer>.yaml (keys the user chose win)
     data_dir: Optional[str] = None
     compile_cache_dir: Optional[str] = "~/.cache/lagg_pipeline/xla"  # XLA's persistent cache; null: off
     progress: bool = True
@@ -149,6 +148,7 @@ class Config:
     # mode=report / mode=select_tuned
     report_dir: Optional[str] = None  # also write the report here (e.g. docs/results)
     readme: Optional[str] = None  # splice the report's tables into this file's Results markers
+    headline: Optional[str] = None  # and a short table of their verdicts into this file's headline markers
     tuned_dir: Optional[str] = None  # where tuned values are read and written; default: conf/tuned_hparams
 
 
@@ -171,29 +171,6 @@ def _validate_distributed(cfg) -> None:
     _require(dist.coordinator_address is None or re.fullmatch(r"[^:\s]+:\d+", dist.coordinator_address),
              f"distributed.coordinator_address={dist.coordinator_address} is not allowed; it must be host:port "
              f"or null (detected)")
-
-
-def _validate_partition(cfg) -> None:
-    from lagg_pipeline.data import DATASETS, split_sizes
-    from lagg_pipeline.data.partition import PARTITIONS
-
-    part = cfg.partition
-    _require(part.name in PARTITIONS,
-             f"partition={part.name} is not allowed; choose one of: {', '.join(PARTITIONS)}")
-    if part.name == "iid":
-        return
-    _require(part.alpha > 0, f"partition.alpha={part.alpha} is not allowed; it must be > 0")
-    _require(part.shards_per_client >= 1,
-             f"partition.shards_per_client={part.shards_per_client} is not allowed; it must be >= 1")
-    _require(part.num_clients >= cfg.num_grads,
-             f"partition.num_clients={part.num_clients} is not allowed; it must be >= num_grads={cfg.num_grads} "
-             f"(each round picks num_grads distinct clients)")
-    if cfg.task.dataset in DATASETS:
-        n_train = split_sizes(cfg.task.dataset)["train"]
-        per_client = part.shards_per_client if part.name == "shards" else 1
-        _require(part.num_clients * per_client <= n_train,
-                 f"partition.num_clients={part.num_clients} is not allowed with partition={part.name}; "
-                 f"{cfg.task.dataset}'s {n_train} training examples allow at most {n_train // per_client} clients")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -248,12 +225,19 @@ def validate(cfg) -> None:
     _require(cfg.meta_init_scale > 0, f"meta_init_scale={cfg.meta_init_scale} is not allowed; it must be > 0")
     _require(cfg.meta_init == "random" or cfg.hidden_size >= 2,
              f"hidden_size={cfg.hidden_size} is not allowed with meta_init=averaging; it must be >= 2")
+    _require(cfg.fedavg_local_learning_rate is None or cfg.fedavg_local_learning_rate > 0,
+             f"fedavg_local_learning_rate={cfg.fedavg_local_learning_rate} is not allowed; it must be > 0 or null")
     _require(0 <= cfg.beta < 1, f"beta={cfg.beta} is not allowed; it must be in [0, 1)")
     _require(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} is not allowed; it must be >= 0")
     _require(cfg.truncation_schedule_min_length <= cfg.num_inner_steps,
              f"truncation_schedule_min_length={cfg.truncation_schedule_min_length} is not allowed; "
              f"it must be <= num_inner_steps={cfg.num_inner_steps}")
-    _validate_partition(cfg)
+    from lagg_pipeline.data.partition import check_partition
+
+    try:
+        check_partition(cfg.partition, cfg.num_grads, cfg.task.dataset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     task = cfg.task
     _require(task.dataset in DATASETS,
              f"task.dataset={task.dataset} is not allowed; choose one of: {', '.join(DATASETS)}")

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from lagg_pipeline import comparison, results_page, tracking, tuning, verdict
 from lagg_pipeline.benchmark import BenchmarkResult
-from lagg_pipeline.jobs import log_benchmark
+from lagg_pipeline.jobs.benchmark import log_benchmark
 
 
 def tracking_cfg(experiment):
@@ -280,18 +280,23 @@ def test_shipped_table_lists_every_shipped_aggregator_with_its_settings():
     rows = results_page.shipped_table().splitlines()[2:]
     assert len(rows) == len(pretrained.available())
     assert all(row.count("|") == 13 for row in rows)
-    (row,) = [r for r in rows if "`digits_k8_h4_ov`" in r]
+    (row,) = [r for r in rows if "`digits_k8_h4_ov1000`" in r]
     assert "| digits_mlp | 8 | 4 | 0.5 | iid | outer_valid | random | 400 |" in row
-    assert "`python -m lagg_pipeline experiment=pretrain_digits_k8_h4_ov optimizer=lagg_a" in row
+    assert "`python -m lagg_pipeline experiment=pretrain_digits_k8_h4_ov1000 optimizer=lagg_a" in row
 
 
-def test_the_shipped_counterpart_matches_how_a_job_meta_trains():
+def test_the_shipped_counterpart_is_the_recommended_one_else_one_trained_alike():
     from lagg_pipeline import pretrained
 
-    assert pretrained.matching("lagg_a", "digits_mlp", 8, 4, "train") == "digits_k8_h4"
-    assert pretrained.matching("lagg_a", "digits_mlp", 8, 8, "train") == "digits_k8_h8"
-    assert pretrained.matching("lagg_a", "mnist1d_mlp", 8, 4, "train", "iid", "averaging") == "mnist1d_k8_h4"
-    assert pretrained.matching("lagg_a", "mnist1d_mlp", 8, 4, "train", "dirichlet(alpha=0.1, M=64)",
-                               "averaging") == "mnist1d_k8_h4_dirichlet"
-    assert pretrained.matching("lagg_a", "mnist1d_mlp", 8, 4, "train") is None  # no random-start one shipped
-    assert pretrained.matching("lagg_a", "digits_mlp", 16, 4, "train") is None
+    assert pretrained.matching("lagg_a", "digits_mlp", 8, 4, "outer_valid", "iid", "averaging") == \
+        "digits_k8_h4_avg_ov1000"
+    assert pretrained.matching("lagg_a", "digits_mlp", 8, 8, "outer_valid", "iid", "averaging") == \
+        "digits_k8_h8_avg_ov1000"
+    assert pretrained.matching("lagg_a", "digits_mlp", 8, 4, "train") is None  # none shipped
+    assert pretrained.matching("lagg_a", "digits_mlp", 16, 4, "outer_valid", "iid", "averaging") is None
+    for entry in pretrained.recommendations():  # every recommendation names a shipped file
+        assert (entry["variant"], entry["name"]) in pretrained.available()
+        for task in entry["tasks"]:
+            for h in entry["H"]:
+                assert pretrained.recommended(entry["variant"], task, entry["num_grads"], h) is not None
+    assert pretrained.recommended("lagg_a", "digits_mlp", 16, 4) is None

@@ -50,10 +50,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(args, local_devices: int = 1, **popen):
+def spawn(args, local_devices: int = 1, stdout=subprocess.PIPE, **popen):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(TESTS),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=stdout, stderr=subprocess.STDOUT,
                             text=True, **popen)
 
 
@@ -113,3 +113,65 @@ def test_two_process_meta_training_from_the_command_line_matches_one_process():
     assert len(histories[0]) == 4
     np.testing.assert_allclose(histories[0], histories[1], rtol=1e-5)  # the same meta-losses, step by step
 
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint_and_resumes_bit_for_bit():
+    """SIGTERM reaches process 1 only: both agree on it at the same outer step, process 0 writes
+    one checkpoint there and ends its run KILLED, both exit 143 (no hang in a lone gather), and
+    resume=true finishes bit for bit like an uninterrupted two-process meta-training."""
+    import signal
+    import time
+
+    from test_e2e import TINY_META, mlflow_runs
+
+    args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=40", "save_iter=3", "progress=false"]
+
+    def two_processes(checkpoint_dir, *extra):
+        """Both processes' output goes to files: a full pipe would stall one inside a collective."""
+        port = free_port()
+        return [spawn(["-m", "lagg_pipeline", *args, f"checkpoint_dir={checkpoint_dir}", "distributed.enabled=true",
+                       f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                       f"distributed.process_id={pid}", *extra], stdout=open(f"{checkpoint_dir}{pid}.log", "w"))
+                for pid in (0, 1)]
+
+    def outputs_of(processes, checkpoint_dir):
+        for p in processes:
+            p.wait(timeout=600)
+        texts = [Path(f"{checkpoint_dir}{pid}.log").read_text() for pid in (0, 1)]
+        print(*texts, sep="\n----\n")  # shown when the test fails
+        return texts
+
+    from lagg_pipeline.data import load_splits
+
+    load_splits("digits")  # prepared once here: two processes preparing it at once would race
+    processes = two_processes("termed")
+    try:
+        deadline = time.time() + 600
+        while not list(Path("termed").rglob("ckpt_00000003.npz")) and time.time() < deadline:
+            assert all(p.poll() is None for p in processes), outputs_of(processes, "termed")
+            time.sleep(0.2)
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = outputs_of(processes, "termed")
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [143, 143], [out[-3000:] for out in outputs]
+    (run_dir,) = [p for p in Path("termed").iterdir() if p.is_dir()]
+    steps = sorted(int(p.stem.split("_")[1]) for p in run_dir.glob("ckpt_*.npz"))
+    stopped = steps[-1]
+    assert stopped < 40 and all(s % 3 == 0 for s in steps[:-1])
+    assert all(f"SIGTERM at outer step {stopped}" in out for out in outputs), outputs
+    (run,) = mlflow_runs()
+    assert run.info.status == "KILLED"
+    resumed = two_processes("termed", "resume=true")
+    assert f"resuming {run_dir.name} at outer step {stopped}" in outputs_of(resumed, "termed")[0]
+    uninterrupted = two_processes("straight")
+    outputs_of(uninterrupted, "straight")
+    assert [p.returncode for p in resumed + uninterrupted] == [0, 0, 0, 0]
+    (straight,) = [p for p in Path("straight").iterdir() if p.is_dir()]
+    a, b = np.load(straight / "meta_params.npz"), np.load(run_dir / "meta_params.npz")
+    for name in a.files:
+        if name != "__metadata__":
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert sorted(r.info.status for r in mlflow_runs()) == ["FINISHED", "FINISHED"]

@@ -28,6 +28,8 @@ def files(tmp_path):
 
     params = LearnedAggregator("lagg_a", 8, 32).init_meta_params(jax.random.PRNGKey(0))
     save_params("k8.npz", params, {"variant": "lagg_a", "num_grads": 8, "hidden_size": 32})
+    params16 = LearnedAggregator("lagg_a", 16, 32).init_meta_params(jax.random.PRNGKey(0))
+    save_params("k16.npz", params16, {"variant": "lagg_a", "num_grads": 16, "hidden_size": 32})
     (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 definitely not a zip" * 10)
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "evil.pickle").write_bytes(pickle.dumps(_Evil(), protocol=4))
@@ -53,7 +55,7 @@ CASES = [
     # unknown keys and options
     ["foo=1"], ["num_grad=4"], ["optimizer=fedprox"], ["task=imagenet"], ["H=5"], ["k=7"], ["mode=train"],
     ["schedule=linear"], ["experiment=nope"], ["hparams_search=nope"], ["launcher=nope"], ["tracking=nope"],
-    ["meta_loss_split=test"], ["pretrained=nope"], ["optimizer=fedavg", "pretrained=digits_k8_h4"],
+    ["meta_loss_split=test"], ["pretrained=nope"], ["optimizer=fedavg", "pretrained=digits_k8_h4_avg_ov1000"],
     ["task.model=resnet"], ["task=mnist1d_mlp", "task.image_size=8"],
     # files: missing, garbage, wrong K, not a checkpoint, a pickle that would run a command
     ["mode=benchmark", "optimizer=lagg_a"], ["mode=benchmark", "optimizer=lagg_a", "checkpoint=missing.npz"],
@@ -61,11 +63,23 @@ CASES = [
     ["mode=benchmark", "optimizer=lagg_a", "checkpoint=notes.txt"],
     ["mode=benchmark", "optimizer=lagg_a", "checkpoint=k8.npz", "num_grads=16"],
     ["mode=benchmark", "optimizer=lopt_a", "checkpoint=k8.npz"],
-    ["optimizer=lagg_a", "checkpoint=k8.npz", "pretrained=digits_k8_h4"],
+    ["optimizer=lagg_a", "checkpoint=k8.npz", "pretrained=digits_k8_h4_avg_ov1000"],
     ["mode=import_legacy", "optimizer=lopt_a"], ["mode=import_legacy", "optimizer=lopt_a", "legacy_path=nope.pickle"],
     ["mode=import_legacy", "optimizer=lopt_a", "legacy_path=evil.pickle"],
     ["mode=import_legacy", "optimizer=fedavg", "legacy_path=evil.pickle"],
     ["mode=benchmark", "optimizer=fedavg", "resume=true"],
+    # keys a job would accept and not use
+    ["mode=meta_train", "optimizer=lagg_a", "pretrained=digits_k8_h4_avg_ov1000"],
+    ["mode=meta_train", "optimizer=lagg_a", "checkpoint=k8.npz"],
+    ["mode=meta_train", "optimizer=lagg_a", "pretrained=digits_k8_h4_avg_ov1000", "distributed.enabled=true"],
+    ["mode=meta_train", "optimizer=fedavg"],
+    ["optimizer=fedavg", "mode=benchmark", "checkpoint=k8.npz"], ["optimizer=slowmo", "checkpoint=k8.npz"],
+    ["optimizer=fedavg", "fedavg_local_learning_rate=0.3"],
+    ["optimizer=lagg_a", "pretrained=digits_k8_h4_avg_ov1000", "with_fedavg=false", "fedavg_local_learning_rate=0.3"],
+    ["optimizer=lagg_a", "mode=meta_train", "fedavg_local_learning_rate=0.3"],
+    ["optimizer=lagg_a", "pretrained=digits_k8_h4_avg_ov1000", "fedavg_local_learning_rate=0"],
+    # settings adopted from a saved aggregator that no run can use: its K=16 above the 10 clients
+    ["optimizer=lagg_a", "checkpoint=k16.npz", "partition=dirichlet", "partition.num_clients=10"],
     # a tracking server that is not there
     ["optimizer=fedavg", "tracking.uri=http://127.0.0.1:9"],
 ]

@@ -170,3 +170,55 @@ def test_outer_valid_meta_loss_scores_the_updated_weights_on_that_split():
         np.testing.assert_allclose(out.loss[0, member], expected, rtol=1e-5)
     _, train_out = jax.jit(_pes(num_tasks, 1)[1].unroll)(meta_2N, state, DATA)
     assert not np.allclose(out.loss, train_out.loss)  # a different objective, not the training loss
+
+
+def _outer_valid_pes(num_tasks, train, held_out):
+    aggregator = LearnedAggregator("lopt", num_grads=2, hidden_size=8)
+    pes = PES(linear_task(), aggregator, num_tasks=num_tasks, trunc_length=2, pes_std=0.01, min_length=1000,
+              max_length=1001, num_grads=2, num_local_steps=2, local_batch_size=8, local_learning_rate=0.3,
+              meta_loss_split="outer_valid")
+    data = PESData(train, held_out)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    return pes, data, theta, pes.init(theta, jax.random.PRNGKey(1), data)
+
+
+def test_batched_outer_valid_meta_loss_draws_a_fresh_round_sized_batch_each_round():
+    """A held-out split larger than a round (Fashion-MNIST's): each round scores a round-sized
+    batch of it, drawn at the training stream's position, so the two rounds see different batches."""
+    from lagg_pipeline.data import sample_batch
+    from lagg_pipeline.data.partition import stream_position
+
+    held_out = synthetic_split(n=200)  # a round draws 2 * 2 * 8 = 32 examples
+    pes, data, theta, state = _outer_valid_pes(2, synthetic_split(), held_out)
+    assert held_out.y.shape[0] > pes.round_size
+    meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (4, *p.shape)), theta)
+    _, out = jax.jit(pes.unroll)(meta_2N, state, data)
+    assert np.all(np.isfinite(out.loss)) and not np.allclose(out.loss[0], out.loss[1])
+    member = jax.tree.map(lambda x: x[0], state.rounds)
+    trained, loss = pes._round(theta, member, data)
+    x, y = sample_batch(held_out, jax.random.fold_in(trained.data_key, 2**31 - 1),
+                        stream_position(trained.data_counter), pes.round_size)
+    np.testing.assert_allclose(loss, linear_task().loss(trained.params, x, y), rtol=1e-5)
+    assert not np.isclose(loss, linear_task().loss(trained.params, held_out.x, held_out.y))
+    grad, _, metrics = jax.jit(pes.estimate)(theta, state, jax.random.PRNGKey(3), data)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad)) and np.isfinite(metrics["meta_loss"])
+
+
+def test_meta_loss_batch_stream_is_keyed_apart_from_every_client_stream(monkeypatch):
+    """Under a partition, client m's stream is fold_in(key, m) and the selection fold_in(key, M):
+    the held-out batch must use neither (it used fold_in(key, 1), client 1's)."""
+    from lagg_pipeline.data.partition import assign, client_split
+    from lagg_pipeline.meta import pes as pes_module
+
+    train = synthetic_split(n=64)
+    clients = client_split(train, assign(np.asarray(train.y), "dirichlet", num_clients=8, alpha=1.0,
+                                         shards_per_client=2, seed=0))
+    pes, data, theta, state = _outer_valid_pes(2, clients, synthetic_split(n=200))
+    used = []
+    real = pes_module.sample_batch
+    monkeypatch.setattr(pes_module, "sample_batch", lambda split, key, *a: used.append(key) or real(split, key, *a))
+    member = jax.tree.map(lambda x: x[0], state.rounds)
+    pes._round(theta, member, data)
+    (key,) = used
+    taken = [jax.random.fold_in(member.data_key, m) for m in range(9)] + [member.data_key]
+    assert not any(np.array_equal(key, k) for k in taken)

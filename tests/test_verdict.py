@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from lagg_pipeline import comparison, results_page, tracking, verdict
 from lagg_pipeline.benchmark import BenchmarkResult
 from lagg_pipeline.errors import UserError
-from lagg_pipeline.jobs import log_benchmark
+from lagg_pipeline.jobs.benchmark import log_benchmark
 
 EXPERIMENT = "results"
 

@@ -30,6 +30,31 @@ from lagg_pipeline.data.splits import Split, Splits
 PARTITIONS = ("iid", "dirichlet", "shards")
 
 
+def check_partition(part, num_grads: int, dataset: str) -> None:
+    """ValueError (one line naming the key) for a partition config no run can use."""
+    from lagg_pipeline.data.splits import DATASETS, split_sizes
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    require(part.name in PARTITIONS, f"partition={part.name} is not allowed; choose one of: {', '.join(PARTITIONS)}")
+    if part.name == "iid":
+        return
+    require(part.alpha > 0, f"partition.alpha={part.alpha} is not allowed; it must be > 0")
+    require(part.shards_per_client >= 1,
+            f"partition.shards_per_client={part.shards_per_client} is not allowed; it must be >= 1")
+    require(part.num_clients >= num_grads,
+            f"partition.num_clients={part.num_clients} is not allowed; it must be >= num_grads={num_grads} "
+            f"(each round picks num_grads distinct clients)")
+    if dataset in DATASETS:
+        n_train = split_sizes(dataset)["train"]
+        per_client = part.shards_per_client if part.name == "shards" else 1
+        require(part.num_clients * per_client <= n_train,
+                f"partition.num_clients={part.num_clients} is not allowed with partition={part.name}; "
+                f"{dataset}'s {n_train} training examples allow at most {n_train // per_client} clients")
+
+
 class ClientSplit(NamedTuple):
     """A training split held by M clients. Client m owns examples
     ``index_N[offset_M[m] : offset_M[m] + size_M[m]]`` of ``x``/``y``."""

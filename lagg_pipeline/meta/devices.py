@@ -31,6 +31,16 @@ def is_leader() -> bool:
     return jax.process_index() == 0
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (a one-byte all-gather with several processes):
+    every process must call it at the same point, and all get the same answer."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
 def particle_devices(requested: int | None, num_members: int) -> int:
     """How many devices carry the particles: ``requested``, or (None) the most devices that
     divide ``num_members`` evenly. Several processes always use all devices of all of them."""

@@ -97,8 +97,9 @@ class PES:
         """The updated weights' loss on the whole split, or on a round-sized batch of a larger one."""
         if split.y.shape[0] <= self.round_size:
             return self.task.loss(state.params, split.x, split.y)
-        # Its own stream (key folded with 1) at the training stream's position: fresh each round.
-        x, y = sample_batch(split, jax.random.fold_in(state.data_key, 1), stream_position(state.data_counter),
+        # Its own stream at the training stream's position: fresh each round, and keyed apart from
+        # the client streams fold_in(key, m) and the client selection fold_in(key, M) (M < 2^31 - 1).
+        x, y = sample_batch(split, jax.random.fold_in(state.data_key, 2**31 - 1), stream_position(state.data_counter),
                             self.round_size)
         return self.task.loss(state.params, x, y)
 

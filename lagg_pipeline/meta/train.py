@@ -18,7 +18,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lagg_pipeline.checkpoint import CheckpointManager
-from lagg_pipeline.meta.devices import host_copy, is_leader, particle_devices, particle_sharding
+from lagg_pipeline.meta.devices import any_process, host_copy, is_leader, particle_devices, particle_sharding
 from lagg_pipeline.meta.family import make_estimator
 from lagg_pipeline.meta.pes import PESData, PESState
 
@@ -154,13 +154,15 @@ def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run,
                     values.append(value)
             bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", refresh=False)  # shown by update()
             bar.update(1)
-            if outer_step % cfg.save_iter == 0 or outer_step == cfg.num_outer_steps or sigterm.is_set():
+            # Processes stop together: one that checkpoints alone waits forever in the gather.
+            stop = any_process(sigterm.is_set())
+            if outer_step % cfg.save_iter == 0 or outer_step == cfg.num_outer_steps or stop:
                 host_state = host_copy(state)  # with several processes, every one gathers; process 0 writes
                 if is_leader():
                     path = checkpoints.save(outer_step, host_state, metadata)
                     flush()  # MLflow then holds every step a resume will not redo
                     run.log_artifact(path, "checkpoints")
-                if sigterm.is_set() and outer_step < cfg.num_outer_steps:
+                if stop and outer_step < cfg.num_outer_steps:
                     raise Preempted(f"SIGTERM at outer step {outer_step}: checkpoint {checkpoints.path(outer_step)} "
                                     f"written; continue with resume=true")
             elif outer_step % _LOG_EVERY == 0:

@@ -1,0 +1,64 @@
+"""What a job runs with: the FedAvg baseline's gamma, recipe keys against tuned values."""
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from lagg_pipeline import config
+from lagg_pipeline.jobs import benchmark
+from lagg_pipeline.jobs.common import chosen_keys
+
+
+@pytest.fixture()
+def hydra_job():
+    """compose(overrides) as the Hydra job of that command line would see it (HydraConfig set)."""
+    config.register()
+    GlobalHydra.instance().clear()
+
+    def job(*overrides):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    with initialize_config_module("lagg_pipeline.conf", version_base="1.3"):
+        yield job
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture()
+def tuned_fedavg(tmp_path):
+    root = tmp_path / "tuned"
+    (root / "digits_mlp").mkdir(parents=True)
+    (root / "digits_mlp" / "fedavg.yaml").write_text("H4_K8:\n  values: {local_learning_rate: 1.0}\n")
+    return str(root)
+
+
+def test_the_fedavg_baseline_runs_at_its_own_tuned_gamma_not_the_learned_ones(hydra_job, tuned_fedavg, capsys):
+    cfg = hydra_job("optimizer=lagg_a", "local_learning_rate=0.3", f"tuned_dir={tuned_fedavg}")
+    baseline = benchmark.fedavg_baseline_config(cfg)
+    assert baseline.optimizer.name == "fedavg" and baseline.local_learning_rate == 1.0
+    assert cfg.local_learning_rate == 0.3  # the learned aggregator keeps the gamma the user gave it
+    assert "fedavg_local_learning_rate=" in capsys.readouterr().out  # the output names the key that sets it
+    cfg = hydra_job("optimizer=lagg_a", "local_learning_rate=0.3", "fedavg_local_learning_rate=0.2",
+                    f"tuned_dir={tuned_fedavg}")
+    assert benchmark.fedavg_baseline_config(cfg).local_learning_rate == 0.2
+    assert "local_learning_rate=0.2 (fedavg_local_learning_rate)" in capsys.readouterr().out
+
+
+def test_values_a_recipe_sets_win_over_tuned_values(hydra_job, tuned_fedavg):
+    cfg = hydra_job("experiment=paper_fmnist", "task=digits_mlp", "optimizer=fedavg", f"tuned_dir={tuned_fedavg}")
+    assert {"local_learning_rate", "num_local_steps", "num_outer_steps"} <= chosen_keys()
+    assert benchmark.with_tuned_values(cfg).local_learning_rate == 0.5  # the recipe's, not the tuned 1.0
+    cfg = hydra_job("task=digits_mlp", "optimizer=fedavg", f"tuned_dir={tuned_fedavg}")
+    assert benchmark.with_tuned_values(cfg).local_learning_rate == 1.0
+
+
+def test_a_recipes_keys_leave_out_its_group_choices():
+    from lagg_pipeline.jobs.common import recipe_keys
+
+    keys = recipe_keys("paper_fmnist")
+    assert "num_rounds" in keys and not {"defaults", "task", "hydra"} & keys
+    assert recipe_keys(None) == set()
