@@ -8,7 +8,6 @@ with the shipped LAgg-A. Run: python examples/outer_optimizer.py
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from sklearn.datasets import load_digits
 

@@ -19,12 +19,12 @@ from hydra.core.override_parser.types import ValueType
 from omegaconf import OmegaConf
 
 from lagg_pipeline import config as config_module
-from lagg_pipeline.config import SHORTHANDS, Config, ConfigError, validate
+from lagg_pipeline.config import CONFIG_PACKAGE, SHORTHANDS, Config, ConfigError, validate
 
 # MLflow's loggers then reach Hydra's: INFO into the run's log file, warnings to the terminal.
 os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
-CONFIG_MODULE = "lagg_pipeline.conf"
+
 _VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
                 "-cd", "--config-dir", "-sc", "--shell-completion", "--experimental-rerun"}
 PLUGIN_EXTRAS = {"launcher": "launchers", "sweeper": "optuna"}  # setup.cfg extras that bring Hydra plugins
@@ -48,7 +48,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def config_groups() -> dict[str, list[str]]:
     """Each config group under conf/ and its options (file stems)."""
-    root = resources.files(CONFIG_MODULE)
+    root = resources.files(CONFIG_PACKAGE)
     groups = {d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
               for d in root.iterdir() if d.is_dir() and not d.name.startswith("_")}
     return {name: options for name, options in groups.items() if options}  # tuned_hparams/ holds data, not options
@@ -156,7 +156,7 @@ def preflight(overrides: list[str]):
     given = {SHORTHANDS.get(o.key_or_group, o.key_or_group) for o in parsed}
     base_cfg = None
     GlobalHydra.instance().clear()
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+    with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
         for variant in _variants(parsed):
             try:
                 cfg = compose("config", overrides=variant)

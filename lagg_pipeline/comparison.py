@@ -202,34 +202,3 @@ def splice_readme(readme: Path, text: str, begin: str = BEGIN, end: str = END) -
     head, rest = readme.read_text().split(begin, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
-
-
-def report_job(cfg, out: Path) -> str:
-    """mode=report: build, print, save and log the comparison of ``tracking.experiment``."""
-    from lagg_pipeline import results_page, tracking
-
-    if cfg.readme:  # before anything is written
-        check_markers(Path(cfg.readme))
-    client, _ = open_experiment(cfg.tracking)
-    notes: list[str] = []
-    groups = collect(client, cfg.tracking.experiment, warn=lambda line: (print(line), notes.append(line)))
-    if not groups:
-        raise UserError(f"experiment {cfg.tracking.experiment} has no finished benchmark runs to report")
-    pages = results_page.judge_all(groups)  # a group without a common evaluation fails here, before writing
-    targets = [out] + ([Path(cfg.report_dir)] if cfg.report_dir else [])
-    for target in targets:
-        text = results_page.markdown(pages, target, notes=notes)
-        (target / "report.md").write_text(f"# Comparison: MLflow experiment {cfg.tracking.experiment}\n\n{text}")
-    print(text)
-    if cfg.readme:
-        prefix = os.path.relpath(targets[-1], Path(cfg.readme).resolve().parent) + "/"
-        shipped = ("Shipped aggregators (meta-training time on this project's 2-core machine, from each "
-                   "file's metadata):\n\n" + results_page.shipped_table() + "\n\n")
-        splice_readme(Path(cfg.readme), shipped + results_page.markdown(pages, targets[-1], image_prefix=prefix,
-                                                                        notes=notes))
-        print(f"updated the Results section of {cfg.readme}")
-    run = tracking.start_run(cfg.tracking, f"report {cfg.tracking.experiment}", {"kind": "report"})
-    run.log_artifact(out, "report")
-    run.end()
-    print(f"report: {out / 'report.md'}")
-    return text

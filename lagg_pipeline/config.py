@@ -21,6 +21,7 @@ LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
 MODELS = ("mlp", "conv")
 META_LOSS_SPLITS = ("train", "outer_valid", "resplit")
 META_INITS = ("random", "averaging")
+CONFIG_PACKAGE = "lagg_pipeline.conf"  # conf/, installed as a package
 SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}  # the H/ and k/ config groups set these keys
 
 
@@ -173,6 +174,28 @@ def _validate_distributed(cfg) -> None:
              f"or null (detected)")
 
 
+def task_names() -> list[str]:
+    """The options of the ``task`` config group (file stems of conf/task/)."""
+    from importlib import resources
+
+    return sorted(f.name[:-5] for f in resources.files(CONFIG_PACKAGE).joinpath("task").iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def _validate_family(cfg) -> None:
+    """``meta_tasks`` names known tasks once each and divides the particles (and devices) evenly."""
+    if not cfg.meta_tasks:
+        return
+    names, count = task_names(), len(cfg.meta_tasks)
+    for name in cfg.meta_tasks:
+        _require(name in names, f"meta_tasks: {name} is not a task; choose from: {', '.join(names)}")
+    _require(len(set(cfg.meta_tasks)) == count, f"meta_tasks={list(cfg.meta_tasks)} names a task twice")
+    _require(cfg.num_tasks % count == 0, f"num_tasks={cfg.num_tasks} is not allowed with {count} meta_tasks; it "
+             f"must be a multiple of {count} (each task gets num_tasks / {count} particle pairs)")
+    _require(cfg.pes_devices is None or 2 * cfg.num_tasks // count % cfg.pes_devices == 0,
+             f"pes_devices={cfg.pes_devices} is not allowed with {count} meta_tasks; it must divide each task's particles")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -217,9 +240,7 @@ def validate(cfg) -> None:
     _require(cfg.meta_loss_split != "resplit" or cfg.partition.name == "iid",
              f"meta_loss_split=resplit is not allowed with partition={cfg.partition.name}; it re-divides the "
              f"whole pool per episode, which needs partition=iid")
-    from lagg_pipeline.meta.family import validate_family
-
-    validate_family(cfg, _require)
+    _validate_family(cfg)
     _require(cfg.meta_init in META_INITS,
              f"meta_init={cfg.meta_init} is not allowed; choose one of: {', '.join(META_INITS)}")
     _require(cfg.meta_init_scale > 0, f"meta_init_scale={cfg.meta_init_scale} is not allowed; it must be > 0")

@@ -9,7 +9,6 @@ from lagg_pipeline.aggregators.learned import LearnedAggregator
 from lagg_pipeline.config import Config, ConfigError, validate
 from lagg_pipeline.data import Split, Splits, episode_split
 from lagg_pipeline.meta.family import FamilyPES, make_estimator, pes_data
-from lagg_pipeline.meta.pes import PESData
 from lagg_pipeline.meta.train import MetaTrainer
 from lagg_pipeline.simulator import draw_round
 from lagg_pipeline.tasks import Task

@@ -3,7 +3,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from lagg_pipeline import config
 from lagg_pipeline.jobs import benchmark

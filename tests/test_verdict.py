@@ -9,6 +9,7 @@ from lagg_pipeline import comparison, results_page, tracking, verdict
 from lagg_pipeline.benchmark import BenchmarkResult
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.jobs.benchmark import log_benchmark
+from lagg_pipeline.jobs.report import write_report
 
 EXPERIMENT = "results"
 
@@ -227,7 +228,7 @@ def test_report_job_writes_the_page_and_splices_the_readme(tmp_path):
             params={"pretrained": "x"})
     readme = tmp_path / "page.md"
     readme.write_text(f"intro\n{comparison.BEGIN}\nOLD NUMBERS\n{comparison.END}\ntail\n")
-    text = comparison.report_job(report_cfg(readme=str(readme), report_dir=str(tmp_path / "rep")), tmp_path / "out")
+    text = write_report(report_cfg(readme=str(readme), report_dir=str(tmp_path / "rep")), tmp_path / "out")
     assert text.startswith(results_page.SPLITS)
     assert "### digits_mlp, K=8, H=4: 300 rounds, 2 seeds" in text and "- **lagg_a@x** holds on the test split." in text
     assert "| method | settings | seeds | test acc r100 | test acc r250 | test acc r300 | test loss r100 |" in text
@@ -261,7 +262,7 @@ def test_a_bad_readme_fails_before_anything_is_written(tmp_path, readme_text):
     if readme_text is not None:
         readme.write_text(readme_text)
     with pytest.raises(UserError, match="no such file" if readme_text is None else "has no <!-- results:begin -->"):
-        comparison.report_job(report_cfg(readme=str(readme), report_dir=str(tmp_path / "rep")), tmp_path / "out")
+        write_report(report_cfg(readme=str(readme), report_dir=str(tmp_path / "rep")), tmp_path / "out")
     assert not (tmp_path / "rep").exists() and not (tmp_path / "out").exists()
 
 
@@ -271,7 +272,7 @@ def test_an_unknown_experiment_lists_the_existing_ones_and_creates_nothing():
     before = sorted(e.name for e in client.search_experiments())
     with pytest.raises(UserError, match=r"tracking.experiment=reslts: no such experiment .*choose one of: "
                                         r"Default, results$"):
-        comparison.report_job(report_cfg(tracking={**tracking_cfg(), "experiment": "reslts"}), Path("out"))
+        write_report(report_cfg(tracking={**tracking_cfg(), "experiment": "reslts"}), Path("out"))
     assert sorted(e.name for e in client.search_experiments()) == before
 
 

@@ -10,45 +10,19 @@ relative progress, not by its loss units.
 from __future__ import annotations
 
 from importlib import resources
+
 import jax
 import jax.numpy as jnp
 from omegaconf import OmegaConf
 
 from lagg_pipeline.meta.pes import PES, PESData, PESState
 
-TASK_CONFIGS = "lagg_pipeline.conf"
-
-
-def task_names() -> list[str]:
-    """The options of the ``task`` config group (file stems of conf/task/)."""
-    return sorted(f.name[:-5] for f in resources.files(TASK_CONFIGS).joinpath("task").iterdir()
-                  if f.name.endswith(".yaml"))
-
-
 def task_config(name: str):
     """The ``conf/task/<name>.yaml`` entry on top of the typed TaskConfig schema."""
-    from lagg_pipeline.config import TaskConfig
+    from lagg_pipeline.config import CONFIG_PACKAGE, TaskConfig
 
-    text = resources.files(TASK_CONFIGS).joinpath("task", f"{name}.yaml").read_text()
+    text = resources.files(CONFIG_PACKAGE).joinpath("task", f"{name}.yaml").read_text()
     return OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.create(text))
-
-
-def validate_family(cfg, require) -> None:
-    """``meta_tasks`` names known tasks, divides the particles evenly, uses a split every task has."""
-    if not cfg.meta_tasks:
-        return
-    names = task_names()
-    for name in cfg.meta_tasks:
-        require(name in names, f"meta_tasks: {name} is not a task; choose from: {', '.join(names)}")
-    count = len(cfg.meta_tasks)
-    require(len(set(cfg.meta_tasks)) == count, f"meta_tasks={list(cfg.meta_tasks)} names a task twice")
-    require(cfg.num_tasks % count == 0,
-            f"num_tasks={cfg.num_tasks} is not allowed with {count} meta_tasks; it must be a multiple of {count} "
-            f"(each task gets num_tasks / {count} particle pairs)")
-    members = 2 * cfg.num_tasks // count
-    require(cfg.pes_devices is None or members % cfg.pes_devices == 0,
-            f"pes_devices={cfg.pes_devices} is not allowed with {count} meta_tasks; it must divide each task's "
-            f"{members} particles (2 * num_tasks / {count})")
 
 
 def meta_problem(cfg, splits, task):
