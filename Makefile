@@ -46,6 +46,9 @@ ui: install ## serve the MLflow UI for the local store on http://127.0.0.1:5000
 bench: install ## the speed yardstick: rounds, PES steps, compile, memory, % of the matmul limit (one run)
 	$(PY) -m lagg_pipeline.bench $(ARGS)
 
+bench-scaling: install ## PES step and round time against K, H, B, parameters: table, log-log plot, exponents (docs/performance)
+	$(PY) -m lagg_pipeline.bench_scaling --out docs/performance --mlflow $(ARGS)
+
 bench-profile: install ## per-op profile of the digits and MNIST-1D PES steps (outputs/bench_profile)
 	$(PY) -m lagg_pipeline.bench --profile outputs/bench_profile --tasks digits_mlp,mnist1d_mlp $(ARGS)
 

@@ -1,6 +1,9 @@
 """The speed yardstick: analytic FLOPs, a tiny run that yields every documented key, the profiler's parsing."""
 import json
 
+import numpy as np
+import pytest
+
 from lagg_pipeline import bench, bench_profile
 
 
@@ -76,3 +79,34 @@ def test_profile_kinds_sources_and_self_times():
     assert times == {"while.1": 3, "ynn_fusion": 3, "exponential.1": 4}
     summary = bench_profile.summarise(ops, times, steps=1)
     assert summary["by_kind"] == {"elementwise": 4e-6, "matmul": 3e-6}
+
+
+def test_exponent_fits_are_exact_on_power_laws():
+    from lagg_pipeline import bench_scaling
+
+    x = [8, 16, 32]
+    assert abs(bench_scaling.fit_exponent(x, [3e-3 * v ** 1.5 for v in x]) - 1.5) < 1e-9
+    assert [round(e, 9) for e in bench_scaling.local_exponents(x, [1, 2, 8])] == [1.0, 2.0]
+
+
+@pytest.mark.slow  # three PES compiles: ~2.5 min on the shared 2-core machine
+def test_quick_scaling_sweep_table_plot_and_mlflow(tmp_path):
+    from lagg_pipeline import bench_scaling
+
+    # two axes keep it to three compiled PES steps
+    result = bench_scaling.main(["--quick", "--axes", "K,hidden", "--rounds", "2", "--repeats", "1",
+                                 "--outer-steps", "1", "--out", str(tmp_path), "--mlflow"])
+    # the base point is measured once but listed under every axis
+    assert [(r["axis"], r[r["axis"]]) for r in result["rows"]] == [("K", 2), ("K", 4), ("hidden", 4), ("hidden", 8)]
+    assert result["rows"][0] == {**result["rows"][2], "axis": "K"}
+    assert [r["params"] for r in result["rows"][2:]] == [(64 * 4 + 4) + (4 * 10 + 10), (64 * 8 + 8) + (8 * 10 + 10)]
+    for axis in ("K", "hidden"):
+        for measure in bench_scaling.MEASURES:
+            # two points: the fit is their local exponent (tiny shapes time overhead, not compute)
+            exponent = result["exponents"][f"{axis}.{measure}"]
+            assert np.isfinite(exponent)
+            assert exponent == pytest.approx(result["exponents"][f"{axis}.{measure}.local"][0])
+    table = (tmp_path / "scaling.md").read_text()
+    assert table.count("\n| ") == 1 + 4 + 1 + 2  # header, 4 rows; header, 2 exponent rows
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    assert (tmp_path / "outputs" / "mlflow.db").exists()
