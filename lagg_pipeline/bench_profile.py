@@ -119,7 +119,7 @@ def self_times(trace_events: list[dict]) -> dict[str, float]:
         stack = []  # [end, name, child time]
         for event in events:
             while stack and event["ts"] >= stack[-1][0]:
-                end, name, child = stack.pop()
+                _, name, child = stack.pop()
                 totals[name] -= child
             if stack:
                 stack[-1][2] += event["dur"]
