@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast test-slow sweep ui bench tune tune-extend tune-federated results results-federated report clean
+.PHONY: help install install-dev run test test-fast test-slow sweep ui bench bench-scaling bench-profile tune tune-extend tune-federated results results-federated report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -44,6 +44,12 @@ ui: install ## serve the MLflow UI of the local store; prints the URL of the run
 
 bench: install ## the speed yardstick: rounds, PES steps, compile, memory, % of the matmul limit (one run)
 	$(PY) -m lagg_pipeline.bench $(ARGS)
+
+bench-scaling: install ## PES step and round time against K, H, B, parameters: table, log-log plot, exponents (docs/performance)
+	$(PY) -m lagg_pipeline.bench_scaling --out docs/performance --mlflow $(ARGS)
+
+bench-profile: install ## per-op profile of the digits and MNIST-1D PES steps (outputs/bench_profile)
+	$(PY) -m lagg_pipeline.bench --profile outputs/bench_profile --tasks digits_mlp,mnist1d_mlp $(ARGS)
 
 # Baselines tuned on the outer-valid loss (never the test split), per task and H; then the
 # best grid points are written to conf/tuned_hparams/<task>/<optimizer>.yaml.

@@ -1,15 +1,19 @@
 """The speed yardstick behind ``make bench``: every number comes from one run on this machine.
 
-For the digits_mlp and mnist5k_mlp shapes at K=8, H=4, B=128 it measures, after compilation
-and as the median over repeats: one fedavg round, one lagg_a round, one PES outer step of
-LAgg-A (8 antithetic pairs x 50 rounds = 800 rounds), the compile time and XLA's memory
-estimate of each, and their analytic FLOPs. A jitted 2048x2048 matmul gives this machine's
-compute rate, so every time is also a fraction of the compute-bound limit. Two ratios say
-where overhead lives: lagg_a round / fedavg round, and PES outer step / 800 lagg_a rounds.
-For mnist5k_mlp it also compiles the fedavg round with the train split captured as a jit
-constant (how the pipeline used to do it) to show what passing data as arguments saves.
-Compile times are cold (an empty persistent cache); the PES step is compiled a second time
-to show what a later job pays with XLA's persistent cache (lagg_pipeline/xla_cache.py).
+For every meta-training task (digits_mlp, mnist1d_mlp) and the unseen mnist5k_mlp at K=8, H=4,
+B=128 it measures, after compilation and as the median over repeats: one fedavg, one lagg_a
+and one lopt_a round, one PES outer step of LAgg-A (8 antithetic pairs x 50 rounds = 800
+rounds) and the outer steps per hour that makes, the compile time and XLA's memory estimate of
+each, and their analytic FLOPs. A jitted 2048x2048 matmul gives this machine's compute rate,
+so every time is also a fraction of the compute-bound limit. Two ratios say where overhead
+lives: lagg_a round / fedavg round, and PES outer step / 800 lagg_a rounds. For mnist5k_mlp it
+also compiles the fedavg round with the train split captured as a jit constant (how the
+pipeline used to do it) to show what passing data as arguments saves. Compile times are cold
+(an empty persistent cache); the PES step is compiled a second time to show what a later job
+pays with XLA's persistent cache (lagg_pipeline/xla_cache.py).
+
+``--profile`` instead writes a per-op profile of the PES steps (lagg_pipeline/bench_profile.py);
+the scaling sweep against K, H, B and model size is lagg_pipeline/bench_scaling.py.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import statistics
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +36,29 @@ from lagg_pipeline.data import load_splits
 from lagg_pipeline.simulator import make_round_step
 from lagg_pipeline.tasks import make_task
 
-K, H, B, LR = 8, 4, 128, 0.5
-NUM_TASKS, TRUNC_LENGTH, HIDDEN = 8, 50, 32
-TASKS = {"digits_mlp": ("digits", [32]), "mnist5k_mlp": ("mnist5k", [128, 128])}
+LR, HIDDEN = 0.5, 32
+TASKS = {"digits_mlp": ("digits", [32]), "mnist1d_mlp": ("mnist1d", [128, 128]),
+         "mnist5k_mlp": ("mnist5k", [128, 128])}
+MEASURES = ("fedavg_round", "lagg_a_round", "lopt_a_round", "pes_outer_step")
 BENCH_BEGIN, BENCH_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+class Shape(NamedTuple):
+    """What sets the cost of a round and of a PES outer step (meta-training's defaults)."""
+
+    K: int = 8
+    H: int = 4
+    B: int = 128
+    num_tasks: int = 8  # antithetic pairs
+    trunc_length: int = 50
+
+    @property
+    def pes_rounds(self) -> int:
+        """Rounds in one PES outer step: 2 members x pairs x truncation length."""
+        return 2 * self.num_tasks * self.trunc_length
+
+
+DEFAULT = Shape()
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -55,18 +79,33 @@ def layer_sizes(image_shape, hidden, classes: int = 10) -> list[tuple[int, int]]
     return list(zip(sizes[:-1], sizes[1:]))
 
 
-def round_flops(image_shape, hidden) -> float:
+def num_task_params(image_shape, hidden) -> int:
+    """Weights and biases of the task MLP."""
+    return sum(i * o + o for i, o in layer_sizes(image_shape, hidden))
+
+
+def round_flops(image_shape, hidden, shape: Shape = DEFAULT) -> float:
     """One local-SGD round: K*H*B examples, forward + backward = 3 x 2 x (in x out) per layer."""
-    return K * H * B * 6.0 * sum(i * o for i, o in layer_sizes(image_shape, hidden))
+    return shape.K * shape.H * shape.B * 6.0 * sum(i * o for i, o in layer_sizes(image_shape, hidden))
 
 
-def lagg_a_flops(image_shape, hidden) -> float:
-    """LAgg-A's per-parameter MLP (K+38 -> 32 -> 32 -> 2) over every task parameter, forward."""
-    num_params = sum(i * o + o for i, o in layer_sizes(image_shape, hidden))
-    return num_params * 2.0 * ((K + 38) * HIDDEN + HIDDEN * HIDDEN + HIDDEN * 2)
+def learned_flops(image_shape, hidden, input_width: int) -> float:
+    """A per-parameter MLP (input_width -> 32 -> 32 -> 2) over every task parameter, forward."""
+    return num_task_params(image_shape, hidden) * 2.0 * (input_width * HIDDEN + HIDDEN * HIDDEN + HIDDEN * 2)
 
 
-def _compile(fn, *args):
+def lagg_a_flops(image_shape, hidden, shape: Shape = DEFAULT) -> float:
+    """LAgg-A's network: input width K+38."""
+    return learned_flops(image_shape, hidden, shape.K + 38)
+
+
+def lopt_a_flops(image_shape, hidden) -> float:
+    """LOpt-A's network: input width 39, whatever K."""
+    return learned_flops(image_shape, hidden, 39)
+
+
+def compile_timed(fn, *args):
+    """(compiled fn, compile seconds, XLA's memory estimate in MiB or None)."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     seconds = time.perf_counter() - t0
@@ -76,8 +115,9 @@ def _compile(fn, *args):
     return compiled, seconds, memory
 
 
-def _median_seconds(call, repeats: int) -> float:
-    jax.block_until_ready(call())  # warm-up
+def median_seconds(call, repeats: int) -> float:
+    """Median wall time of ``call()`` over ``repeats`` runs after one warm-up."""
+    jax.block_until_ready(call())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -86,60 +126,85 @@ def _median_seconds(call, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_rounds(task, split, update, rounds: int, repeats: int, split_as_constant: bool = False):
+def learned_update(variant: str, K: int):
+    """The server update of a freshly initialised learned aggregator."""
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+
+    aggregator = LearnedAggregator(variant, K, HIDDEN)
+    return aggregator.server_update(aggregator.init_meta_params(jax.random.PRNGKey(0)))
+
+
+def time_rounds(task, split, update, rounds: int, repeats: int, shape: Shape = DEFAULT,
+                split_as_constant: bool = False):
     """(seconds per round, compile seconds, memory MiB) of ``rounds`` scanned rounds."""
-    step = make_round_step(task, update, num_grads=K, num_local_steps=H, local_batch_size=B, local_learning_rate=LR)
+    step = make_round_step(task, update, num_grads=shape.K, num_local_steps=shape.H, local_batch_size=shape.B,
+                           local_learning_rate=LR)
     state = jax.tree.map(lambda x: x[0], init_round_states(task, update, 0, 1, split))
 
     def run(s, data):
         return jax.lax.scan(lambda c, _: step(c, data), s, None, length=rounds)
 
     if split_as_constant:
-        compiled, compile_s, memory = _compile(lambda s: run(s, split), state)
+        _, compile_s, memory = compile_timed(lambda s: run(s, split), state)
         return None, compile_s, memory
-    compiled, compile_s, memory = _compile(run, state, split)
-    return _median_seconds(lambda: compiled(state, split), repeats) / rounds, compile_s, memory
+    compiled, compile_s, memory = compile_timed(run, state, split)
+    return median_seconds(lambda: compiled(state, split), repeats) / rounds, compile_s, memory
 
 
-def time_pes(task, split, repeats: int):
-    """(seconds per PES outer step of LAgg-A, compile seconds, memory MiB, compile seconds
-    again: from XLA's persistent cache, what every later job with these shapes pays)."""
+def pes_trainer(task, split, shape: Shape = DEFAULT):
+    """A LAgg-A MetaTrainer at ``shape`` (meta-training's defaults otherwise)."""
     from lagg_pipeline.aggregators.learned import LearnedAggregator
     from lagg_pipeline.config import Config
     from lagg_pipeline.meta.pes import PESData
     from lagg_pipeline.meta.train import MetaTrainer
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {
-        "optimizer": {"name": "lagg_a"}, "num_outer_steps": 1000, "num_tasks": NUM_TASKS,
-        "trunc_length": TRUNC_LENGTH, "num_grads": K, "num_local_steps": H, "local_batch_size": B,
-        "local_learning_rate": LR, "hidden_size": HIDDEN})
-    trainer = MetaTrainer(cfg, task, PESData(split), LearnedAggregator("lagg_a", K, HIDDEN))
+        "optimizer": {"name": "lagg_a"}, "num_outer_steps": 1000, "num_tasks": shape.num_tasks,
+        "trunc_length": shape.trunc_length, "num_grads": shape.K, "num_local_steps": shape.H,
+        "local_batch_size": shape.B, "local_learning_rate": LR, "hidden_size": HIDDEN})
+    return MetaTrainer(cfg, task, PESData(split), LearnedAggregator("lagg_a", shape.K, HIDDEN))
+
+
+def time_pes(task, split, repeats: int, shape: Shape = DEFAULT, cached: bool = True):
+    """(seconds per PES outer step of LAgg-A, compile seconds, memory MiB, compile seconds
+    again: from XLA's persistent cache, what every later job with these shapes pays; None
+    unless ``cached``)."""
+    trainer = pes_trainer(task, split, shape)
     state = trainer.init()
-    compiled, compile_s, memory = _compile(trainer._step, state, trainer.data)
-    _, cached_compile_s, _ = _compile(trainer._step, state, trainer.data)
+    compiled, compile_s, memory = compile_timed(trainer._step, state, trainer.data)
+    cached_compile_s = compile_timed(trainer._step, state, trainer.data)[1] if cached else None
     holder = {"state": state}
 
     def one_step():
         holder["state"], metrics = compiled(holder["state"], trainer.data)
         return metrics
 
-    return _median_seconds(one_step, repeats), compile_s, memory, cached_compile_s
+    return median_seconds(one_step, repeats), compile_s, memory, cached_compile_s
 
 
-def measure(name: str, dataset: str, hidden, args, gflops: float) -> dict:
-    from lagg_pipeline.aggregators.learned import LearnedAggregator
-
+def load_task(name: str, hidden=None):
+    """(task, splits) of a bench task, optionally with other hidden sizes."""
+    dataset, default_hidden = TASKS[name]
+    hidden = default_hidden if hidden is None else hidden
     splits = load_splits(dataset)
-    image_shape = tuple(splits.train.x.shape[1:])
     task = make_task(OmegaConf.create({"name": name, "dataset": dataset, "model": "mlp", "hidden_sizes": hidden}),
-                     image_shape, splits.num_classes)
-    aggregator = LearnedAggregator("lagg_a", K, HIDDEN)
-    lagg_a = aggregator.server_update(aggregator.init_meta_params(jax.random.PRNGKey(0)))
-    flops = {"fedavg_round": round_flops(image_shape, hidden),
-             "lagg_a_round": round_flops(image_shape, hidden) + lagg_a_flops(image_shape, hidden)}
-    flops["pes_outer_step"] = 2 * NUM_TASKS * TRUNC_LENGTH * flops["lagg_a_round"]
-    timings = {"fedavg_round": time_rounds(task, splits.train, hand.fedavg(), args.rounds, args.repeats),
-               "lagg_a_round": time_rounds(task, splits.train, lagg_a, args.rounds, args.repeats)}
+                     tuple(splits.train.x.shape[1:]), splits.num_classes)
+    return task, splits
+
+
+def measure(name: str, args, gflops: float) -> dict:
+    """Every measure of one task at the default shape, as {measure key: value}."""
+    hidden = TASKS[name][1]
+    task, splits = load_task(name)
+    image_shape = tuple(splits.train.x.shape[1:])
+    fedavg_flops = round_flops(image_shape, hidden)
+    flops = {"fedavg_round": fedavg_flops,
+             "lagg_a_round": fedavg_flops + lagg_a_flops(image_shape, hidden),
+             "lopt_a_round": fedavg_flops + lopt_a_flops(image_shape, hidden)}
+    flops["pes_outer_step"] = DEFAULT.pes_rounds * flops["lagg_a_round"]
+    updates = {"fedavg_round": hand.fedavg(), "lagg_a_round": learned_update("lagg_a", DEFAULT.K),
+               "lopt_a_round": learned_update("lopt_a", DEFAULT.K)}
+    timings = {m: time_rounds(task, splits.train, u, args.rounds, args.repeats) for m, u in updates.items()}
     out = {}
     if args.outer_steps:
         *timings["pes_outer_step"], out["pes_outer_step_compile_seconds_cached"] = time_pes(
@@ -150,23 +215,23 @@ def measure(name: str, dataset: str, hidden, args, gflops: float) -> dict:
                     f"{measure_name}_fraction_of_matmul_limit": flops[measure_name] / 1e9 / gflops / seconds})
     out["lagg_a_round_over_fedavg_round"] = out["lagg_a_round_seconds"] / out["fedavg_round_seconds"]
     if args.outer_steps:
+        out["pes_outer_steps_per_hour"] = 3600.0 / out["pes_outer_step_seconds"]
         out["pes_step_over_800_lagg_a_rounds"] = out["pes_outer_step_seconds"] / (
-            2 * NUM_TASKS * TRUNC_LENGTH * out["lagg_a_round_seconds"])
-    if dataset == "mnist5k":  # what embedding the split as a constant used to cost
-        _, constant_compile, constant_memory = time_rounds(task, splits.train, hand.fedavg(), args.rounds, 0,
-                                                           split_as_constant=True)
-        out["fedavg_round_compile_seconds_split_as_constant"] = constant_compile
+            DEFAULT.pes_rounds * out["lagg_a_round_seconds"])
+    if name == "mnist5k_mlp":  # what embedding the split as a constant used to cost
+        out["fedavg_round_compile_seconds_split_as_constant"] = time_rounds(
+            task, splits.train, hand.fedavg(), args.rounds, 0, split_as_constant=True)[1]
     return out
 
 
 def format_table(numbers: dict) -> str:
     lines = [f"device {numbers['device']}, jax {numbers['jax_version']}, matmul probe "
-             f"{numbers['matmul_gflops']:.0f} GFLOP/s; K={K}, H={H}, B={B}; PES {NUM_TASKS} pairs x "
-             f"{TRUNC_LENGTH} rounds", ""]
+             f"{numbers['matmul_gflops']:.0f} GFLOP/s; K={DEFAULT.K}, H={DEFAULT.H}, B={DEFAULT.B}; "
+             f"PES {DEFAULT.num_tasks} pairs x {DEFAULT.trunc_length} rounds", ""]
     header = f"{'task':<12} {'measure':<15} {'seconds':>10} {'compile s':>10} {'MiB':>8} {'GFLOP':>9} {'% of limit':>10}"
     lines += [header, "-" * len(header)]
     for task in TASKS:
-        for measure_name in ("fedavg_round", "lagg_a_round", "pes_outer_step"):
+        for measure_name in MEASURES:
             key = f"{task}.{measure_name}"
             if f"{key}_seconds" not in numbers:
                 continue
@@ -177,9 +242,22 @@ def format_table(numbers: dict) -> str:
                          f"{100 * numbers[f'{key}_fraction_of_matmul_limit']:>9.1f}%")
     lines.append("")
     for key, value in numbers.items():
-        if key.endswith(("_over_fedavg_round", "_over_800_lagg_a_rounds", "_split_as_constant", "_cached")):
+        if key.endswith(("_over_fedavg_round", "_over_800_lagg_a_rounds", "_split_as_constant", "_cached",
+                         "_per_hour")):
             lines.append(f"{key:<58} {value:.3g}")
     return "\n".join(lines)
+
+
+def log_to_mlflow(numbers: dict, run_name: str, experiment: str = "bench", artifacts=()) -> None:
+    """Log every float of ``numbers`` (and the ``artifacts`` files) to one MLflow run."""
+    from lagg_pipeline import tracking
+
+    cfg = OmegaConf.create({"enabled": True, "uri": None, "experiment": experiment})
+    run = tracking.start_run(cfg, run_name, {"device": numbers["device"]})
+    run.log_metrics({k: ([0], [v]) for k, v in numbers.items() if isinstance(v, float)})
+    for path in artifacts:
+        run.log_artifact(path)
+    run.end()
 
 
 def main(argv=None) -> dict:
@@ -191,15 +269,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--mlflow", action="store_true", help="also log them to the MLflow experiment 'bench'")
     parser.add_argument("--readme", help="replace the table between this file's bench markers")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="instead: per-op profile of each task's PES step, written to DIR")
     args = parser.parse_args(argv)
 
+    if args.profile:
+        from lagg_pipeline import bench_profile
+
+        return bench_profile.profile_tasks(args.tasks.split(","), args.profile)
     # Compile times are cold: a fresh persistent cache, which time_pes then reads back.
     xla_cache.enable(tempfile.mkdtemp(prefix="lagg_bench_xla_"), env_wins=False)
     gflops = matmul_gflops()
     numbers = {"device": str(jax.devices()[0]), "jax_version": jax.__version__, "matmul_gflops": gflops}
     for name in args.tasks.split(","):
-        dataset, hidden = TASKS[name]
-        numbers.update({f"{name}.{k}": v for k, v in measure(name, dataset, hidden, args, gflops).items()})
+        numbers.update({f"{name}.{k}": v for k, v in measure(name, args, gflops).items()})
     table = format_table(numbers)
     print(table)
     if args.readme:
@@ -212,12 +295,7 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as f:
             json.dump(numbers, f, indent=2)
     if args.mlflow:
-        from lagg_pipeline import tracking
-
-        cfg = OmegaConf.create({"enabled": True, "uri": None, "experiment": "bench"})
-        run = tracking.start_run(cfg, "make bench", {"device": numbers["device"]})
-        run.log_metrics({k: ([0], [v]) for k, v in numbers.items() if isinstance(v, float)})
-        run.end()
+        log_to_mlflow(numbers, "make bench")
     return numbers
 
 

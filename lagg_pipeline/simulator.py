@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from lagg_pipeline.aggregators.base import GRADIENT, LOCAL_SGD
 from lagg_pipeline.data import episode_split, sample_batch
 from lagg_pipeline.data.partition import ClientSplit, sample_clients
-from lagg_pipeline.data.sampler import next_counter
+from lagg_pipeline.data.sampler import next_counter, stream_indices
+from lagg_pipeline.data.splits import Split
 
 LossFn = Callable  # (params, x, y) -> scalar
 
@@ -25,6 +26,31 @@ def reshape_round_batch(x_N, y_N, num_grads: int, num_local_steps: int):
     return x, y_N.reshape(num_grads, num_local_steps, -1)
 
 
+def make_local_sgd(loss_fn: LossFn, local_learning_rate: float):
+    """``run(params, inputs_H, read) -> (deltas_K, train_loss)``: every worker's H plain SGD
+    steps from ``params``; local step h trains on ``read(inputs_H[h]) -> (x [K, B, ...], y [K, B])``.
+
+    A scan over steps of a vmap over workers, so that each step can gather just the examples
+    it uses (``inputs_H`` the round's example indices): gathering the whole round and handing
+    it to a scan inside the vmap costs a gather, a transpose for the scan and a slice per step,
+    three passes over the round's data instead of one."""
+    grad_fn = jax.vmap(jax.value_and_grad(loss_fn))
+
+    def run(params, inputs_H, read):
+        num_grads = jax.tree.leaves(inputs_H)[0].shape[1]
+
+        def step(w_K, inputs):
+            losses_K, g_K = grad_fn(w_K, *read(inputs))
+            return jax.tree.map(lambda p, gp: p - local_learning_rate * gp, w_K, g_K), losses_K
+
+        start_K = jax.tree.map(lambda p: jnp.broadcast_to(p, (num_grads, *p.shape)), params)
+        w_final_K, losses_HxK = jax.lax.scan(step, start_K, inputs_H)
+        deltas_K = jax.tree.map(jnp.subtract, w_final_K, start_K)
+        return deltas_K, jnp.mean(jnp.mean(losses_HxK, axis=0))
+
+    return run
+
+
 def make_client_round(loss_fn: LossFn, local_learning_rate: float, client: str = LOCAL_SGD):
     """``round(params, x_KxHxB, y_KxHxB) -> (deltas_K, train_loss)``.
 
@@ -33,24 +59,17 @@ def make_client_round(loss_fn: LossFn, local_learning_rate: float, client: str =
     each worker sends minus its block's gradient at the server weights instead.
     """
     grad_fn = jax.value_and_grad(loss_fn)
-
-    def local_sgd(params, x_HxB, y_HxB):
-        def step(w, batch):
-            loss, g = grad_fn(w, *batch)
-            return jax.tree.map(lambda p, gp: p - local_learning_rate * gp, w, g), loss
-
-        w_final, losses_H = jax.lax.scan(step, params, (x_HxB, y_HxB))
-        return jax.tree.map(jnp.subtract, w_final, params), jnp.mean(losses_H)
+    local_sgd = make_local_sgd(loss_fn, local_learning_rate)
 
     def gradient(params, x_HxB, y_HxB):
         x = x_HxB.reshape(-1, *x_HxB.shape[2:])
         loss, g = grad_fn(params, x, y_HxB.reshape(-1))
         return jax.tree.map(jnp.negative, g), loss
 
-    worker = {LOCAL_SGD: local_sgd, GRADIENT: gradient}[client]
-
     def client_round(params, x_KxHxB, y_KxHxB):
-        deltas_K, losses_K = jax.vmap(worker, in_axes=(None, 0, 0))(params, x_KxHxB, y_KxHxB)
+        if client == LOCAL_SGD:
+            return local_sgd(params, (jnp.swapaxes(x_KxHxB, 0, 1), jnp.swapaxes(y_KxHxB, 0, 1)), lambda xy: xy)
+        deltas_K, losses_K = jax.vmap(gradient, in_axes=(None, 0, 0))(params, x_KxHxB, y_KxHxB)
         return deltas_K, jnp.mean(losses_K)
 
     return client_round
@@ -93,11 +112,20 @@ def make_round_step(task, server_update, *, num_grads: int, num_local_steps: int
     device, run the clients, apply the server update. Pure, so it can sit inside scan and
     vmap; the split is an argument so that jit never embeds a dataset as a constant."""
     client_round = make_client_round(task.loss, local_learning_rate, server_update.client)
+    local_sgd = make_local_sgd(task.loss, local_learning_rate)
+    count = round_size(num_grads, num_local_steps, local_batch_size)
 
     def step(state: RoundState, train_split):
-        x, y, counter = draw_round(train_split, state.data_key, state.data_counter, num_grads, num_local_steps,
-                                   local_batch_size)
-        deltas_K, train_loss = client_round(state.params, x, y)
+        if server_update.client == LOCAL_SGD and isinstance(train_split, Split):
+            # draw_round's examples, each local step gathering its own (see make_local_sgd)
+            idx = stream_indices(state.data_key, state.data_counter, count, train_split.y.shape[0])
+            idx_HxKxB = jnp.swapaxes(idx.reshape(num_grads, num_local_steps, local_batch_size), 0, 1)
+            deltas_K, train_loss = local_sgd(state.params, idx_HxKxB, lambda i: (train_split.x[i], train_split.y[i]))
+            counter = next_counter(state.data_counter, count, train_split.y.shape[0])
+        else:
+            x, y, counter = draw_round(train_split, state.data_key, state.data_counter, num_grads,
+                                       num_local_steps, local_batch_size)
+            deltas_K, train_loss = client_round(state.params, x, y)
         params, server_state = server_update.update(deltas_K, state.server_state, state.params)
         return RoundState(params, server_state, state.data_key, counter), train_loss
 

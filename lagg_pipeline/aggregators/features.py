@@ -169,10 +169,14 @@ def per_element_features(raw_R: jax.Array, p: jax.Array,
     return jnp.concatenate(columns, axis=-1)
 
 
+def second_moment_scale(x: jax.Array) -> jax.Array:
+    """rsqrt(1e-5 + mean(x^2)) of each trailing column over all the tensor's elements: (F,)."""
+    return jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(x), axis=tuple(range(x.ndim - 1))))
+
+
 def second_moment_normalize(x: jax.Array) -> jax.Array:
     """x * rsqrt(1e-5 + mean(x^2)), each trailing column over all the tensor's elements."""
-    axes = tuple(range(x.ndim - 1))
-    return x * jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+    return x * second_moment_scale(x)
 
 
 def step_embedding(t: jax.Array) -> jax.Array:
@@ -182,7 +186,10 @@ def step_embedding(t: jax.Array) -> jax.Array:
 
 def leaf_features(raw_R: jax.Array, p: jax.Array, t: jax.Array,
                   acc: Optional[LeafAccumulators] = None) -> jax.Array:
-    """The network's input for one leaf: normalised features, then the step embedding."""
+    """The network's input for one leaf: normalised features, then the step embedding.
+
+    The SPEC's form; LearnedAggregator folds the normalisation and the step embedding into
+    its first layer instead of building this array."""
     x = second_moment_normalize(per_element_features(raw_R, p, acc))
     steps = jnp.broadcast_to(step_embedding(t), x.shape[:-1] + (len(STEP_TIMESCALES),))
     return jnp.concatenate([x, steps], axis=-1)

@@ -40,6 +40,11 @@ class LearnedState(NamedTuple):
     mean_abs_step: jax.Array  # float32, mean |step| over all parameters in the last round
 
 
+def _at(tree, path: tuple[str, ...]):
+    """The node of nested dicts ``tree`` at ``path``."""
+    return functools.reduce(lambda node, key: node[key], path, tree)
+
+
 def _adafactor_mlp(x: jax.Array, hidden_size: int) -> jax.Array:
     """The reference's hand-rolled MLP: top-level w{i}/b{i}, i.e. Haiku module "~"."""
     for i, size in enumerate((hidden_size, hidden_size, NUM_OUTPUTS)):
@@ -121,8 +126,7 @@ class LearnedAggregator:
             raise ValueError(f"meta_init=averaging needs hidden_size >= 2 (got {self.hidden_size})")
         num_raw = self.num_grads if self.per_worker_inputs else 1
         paths = [path for layer in self._layer_paths() for path in layer]
-        get = lambda tree, path: functools.reduce(lambda node, key: node[key], path, tree)
-        w0, b0, w1, b1, w2, b2 = (np.array(get(meta_params, path)) for path in paths)
+        w0, b0, w1, b1, w2, b2 = (np.array(_at(meta_params, path)) for path in paths)
         w0[:, :2], b0[:2] = 0.0, 0.0
         w0[:num_raw, 0], w0[:num_raw, 1] = 1.0 / num_raw, -1.0 / num_raw
         w1[:2, :], w1[:, :2], b1[:2] = 0.0, 0.0, 0.0
@@ -132,11 +136,8 @@ class LearnedAggregator:
         w2[0, 0], w2[1, 0] = -step_scale, step_scale
         rewired = jax.tree.map(lambda x: x, meta_params)  # new containers, same leaves
         for path, value in zip(paths, (w0, b0, w1, b1, w2, b2)):
-            get(rewired, path[:-1])[path[-1]] = jnp.asarray(value)
+            _at(rewired, path[:-1])[path[-1]] = jnp.asarray(value)
         return rewired
-
-    def _nn(self, meta_params: MetaParams) -> MetaParams:
-        return meta_params["nn"] if self.uses_accumulators else meta_params
 
     def _first_layer(self, meta_params: MetaParams) -> jax.Array:
         try:
@@ -191,7 +192,6 @@ class LearnedAggregator:
     def server_update(self, meta_params: MetaParams) -> ServerUpdate:
         """The server update with these meta-parameters; jittable and vmappable over them."""
         self.check_compatible(meta_params)
-        nn = self._nn(meta_params)
         decays = (features.decays_from_offsets(meta_params["momentum_decays"],
                                                meta_params["rms_decays"],
                                                meta_params["adafactor_decays"])
@@ -201,8 +201,18 @@ class LearnedAggregator:
             accumulators = features.init_accumulators(params) if self.uses_accumulators else None
             return LearnedState(accumulators, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
+        (w0, b0), (w1, b1), (w2, b2) = [(_at(meta_params, w), _at(meta_params, b)) for w, b in self._layer_paths()]
+
         def leaf_step(t, raw_R, p, acc=None):
-            out = self._net.apply(nn, features.leaf_features(raw_R, p, t, acc))
+            # The network on features.leaf_features without building it: each column's
+            # normalisation scale goes into w0's rows, and the step embedding, the same for
+            # every element, into the first bias. Saves two passes over the [P, F] features.
+            x = features.per_element_features(raw_R, p, acc)
+            width = x.shape[-1]
+            first_w = features.second_moment_scale(x)[:, None] * w0[:width]
+            first_b = features.step_embedding(t) @ w0[width:] + b0
+            hidden = jax.nn.relu(jax.nn.relu(x @ first_w + first_b) @ w1 + b1)
+            out = hidden @ w2 + b2
             direction, magnitude = out[..., 0], out[..., 1]
             return (direction * jnp.exp(magnitude * EXP_MULT) * STEP_MULT).reshape(p.shape)
 
