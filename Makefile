@@ -59,7 +59,7 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 	for task in $(TUNE_TASKS); do for opt in $(BASELINES); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=$$task H=4,8 || exit 1; done; done
 	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist5k_mlp H=4  # the unseen task's reference
-	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=digits_conv H=4  # the unseen architecture's
+	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist1d_mlp_deep H=4  # the unseen architecture's
 	for opt in $(filter-out fedavg,$(BASELINES)); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=mnist5k_mlp H=4 num_runs=1 || exit 1; done
 	for opt in $(BASELINES); do \
@@ -74,7 +74,7 @@ tune-extend: install ## sweep one step past each grid edge a tuned choice sits o
 # The Results (docs/results.md, and the README's headline): tuned baselines and the shipped
 # aggregators, 5 seeds x 1000 rounds, into the MLflow experiment "results"; then `make report`.
 # Seen tasks: digits_mlp and MNIST-1D (the family meta-trains on digits_mlp and
-# mnist1d_mlp_small); unseen: mnist5k_mlp and the conv net digits_conv (against tuned FedAvg).
+# mnist1d_mlp_small); unseen: mnist5k_mlp and the 4-hidden-layer MLP mnist1d_mlp_deep (against tuned FedAvg).
 RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
 SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false
 COMMA := ,
@@ -82,7 +82,7 @@ BASELINE_LIST := $(subst $(eval) ,$(COMMA),$(BASELINES))
 results: install ## benchmark tuned baselines and shipped aggregators, then `make report`
 	for task in digits_mlp mnist1d_mlp mnist5k_mlp; do \
 		$(PY) -m lagg_pipeline --multirun optimizer=$(BASELINE_LIST) task=$$task H=4,8 $(RESULTS_ARGS) || exit 1; done
-	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=digits_conv H=4 $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist1d_mlp_deep H=4 $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(SHIPPED_ARGS) \
 		pretrained=family_k8_h4,digits_k8_h4_avg_ov1000,digits_k8_h4_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp H=8 $(SHIPPED_ARGS) \
@@ -91,7 +91,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp $(SHIPPED_ARGS) pretrained=mnist1d_k8_h4_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp H=4,8 $(SHIPPED_ARGS) \
 		pretrained=family_k8_h4,digits_k8_h4_avg_ov1000
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_conv H=4 $(SHIPPED_ARGS) pretrained=family_k8_h4
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp_deep H=4 $(SHIPPED_ARGS) pretrained=family_k8_h4
 	$(MAKE) report
 
 # Heterogeneous clients (docs/clients.md): MNIST-1D over 64 clients with

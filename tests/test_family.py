@@ -142,7 +142,7 @@ def test_single_task_resplit_scores_the_episode_validation_part():
 @pytest.mark.parametrize("overrides, message", [
     ({"meta_tasks": ["digits_mlp", "no_such_task"]}, "meta_tasks: no_such_task is not a task; choose from:"),
     ({"meta_tasks": ["digits_mlp", "digits_mlp"]}, "names a task twice"),
-    ({"meta_tasks": ["digits_mlp", "mnist1d_mlp_small", "digits_conv"]},
+    ({"meta_tasks": ["digits_mlp", "mnist1d_mlp_small", "mnist1d_mlp_deep"]},
      "num_tasks=8 is not allowed with 3 meta_tasks; it must be a multiple of 3"),
     ({"meta_loss_split": "resplit", "partition": {"name": "dirichlet"}},
      "meta_loss_split=resplit is not allowed with partition=dirichlet"),
