@@ -49,7 +49,7 @@ bench-scaling: install ## PES step and round time against K, H, B, parameters: t
 	$(PY) -m lagg_pipeline.bench_scaling --out docs/performance --mlflow $(ARGS)
 
 bench-profile: install ## per-op profile of the digits and MNIST-1D PES steps (outputs/bench_profile)
-	$(PY) -m lagg_pipeline.bench --profile outputs/bench_profile --tasks digits_mlp,mnist1d_mlp $(ARGS)
+	$(PY) -m lagg_pipeline.bench_profile outputs/bench_profile $(ARGS)
 
 # Baselines tuned on the outer-valid loss (never the test split), per task and H; then the
 # best grid points are written to conf/tuned_hparams/<task>/<optimizer>.yaml.

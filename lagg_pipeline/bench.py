@@ -12,7 +12,7 @@ pipeline used to do it) to show what passing data as arguments saves. Compile ti
 (an empty persistent cache); the PES step is compiled a second time to show what a later job
 pays with XLA's persistent cache (lagg_pipeline/xla_cache.py).
 
-``--profile`` instead writes a per-op profile of the PES steps (lagg_pipeline/bench_profile.py);
+The per-op profile of the PES steps is lagg_pipeline/bench_profile.py (``make bench-profile``);
 the scaling sweep against K, H, B and model size is lagg_pipeline/bench_scaling.py.
 """
 from __future__ import annotations
@@ -269,14 +269,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--mlflow", action="store_true", help="also log them to the MLflow experiment 'bench'")
     parser.add_argument("--readme", help="replace the table between this file's bench markers")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="instead: per-op profile of each task's PES step, written to DIR")
     args = parser.parse_args(argv)
 
-    if args.profile:
-        from lagg_pipeline import bench_profile
-
-        return bench_profile.profile_tasks(args.tasks.split(","), args.profile)
     # Compile times are cold: a fresh persistent cache, which time_pes then reads back.
     xla_cache.enable(tempfile.mkdtemp(prefix="lagg_bench_xla_"), env_wins=False)
     gflops = matmul_gflops()

@@ -1,4 +1,4 @@
-"""Per-op profile of a PES outer step: which XLA ops take its time (``bench --profile DIR``).
+"""Per-op profile of a PES outer step: which XLA ops take its time (``make bench-profile``).
 
 One compiled PES outer step of LAgg-A (the bench's default shape) runs under ``jax.profiler``;
 XLA's CPU runtime records every executed op (thunk) in the trace. Each op's self time (its
@@ -195,3 +195,20 @@ def profile_tasks(names: list[str], out_dir: str) -> dict:
         print(format_summary(name, summaries[name]), "\n", flush=True)
     (out / "profile.json").write_text(json.dumps(summaries, indent=2))
     return summaries
+
+
+def main(argv=None) -> dict:
+    import argparse
+
+    from lagg_pipeline.bench import TASKS
+
+    parser = argparse.ArgumentParser(prog="python -m lagg_pipeline.bench_profile",
+                                     description="Per-op profile of one PES outer step per task.")
+    parser.add_argument("out_dir", help="where the traces and profile.json go")
+    parser.add_argument("--tasks", default="digits_mlp,mnist1d_mlp", help="comma-separated subset of " + ", ".join(TASKS))
+    args = parser.parse_args(argv)
+    return profile_tasks(args.tasks.split(","), args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
