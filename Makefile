@@ -84,14 +84,14 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 		$(PY) -m lagg_pipeline --multirun optimizer=$(BASELINE_LIST) task=$$task H=4,8 $(RESULTS_ARGS) || exit 1; done
 	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist1d_mlp_deep H=4 $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(SHIPPED_ARGS) \
-		pretrained=family_k8_h4,digits_k8_h4_avg_ov1000,digits_k8_h4_ov1000
+		pretrained=family_k8_h4,digits_k8_h4_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp H=8 $(SHIPPED_ARGS) \
 		pretrained=family_k8_h4,digits_k8_h8_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp H=4,8 $(SHIPPED_ARGS) pretrained=family_k8_h4
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp $(SHIPPED_ARGS) pretrained=mnist1d_k8_h4_avg_ov1000
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp H=4,8 $(SHIPPED_ARGS) \
-		pretrained=family_k8_h4,digits_k8_h4_avg_ov1000
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp H=4,8 $(SHIPPED_ARGS) pretrained=family_k8_h4
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp_deep H=4 $(SHIPPED_ARGS) pretrained=family_k8_h4
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp,mnist1d_mlp,mnist1d_mlp_deep,mnist5k_mlp \
+		$(SHIPPED_ARGS) pretrained=family_k8_h4
 	$(MAKE) report
 
 # Heterogeneous clients (docs/clients.md): MNIST-1D over 64 clients with
@@ -105,7 +105,7 @@ tune-federated: install ## tune the heterogeneous-clients baselines over those s
 
 results-federated: install ## the heterogeneous-clients comparison (MNIST-1D, Dirichlet 0.1 and 1.0), then `make report`
 	$(PY) -m lagg_pipeline --multirun optimizer=$(subst $(eval) ,$(COMMA),$(FED_BASELINES)) $(FED_ARGS) $(RESULTS_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a pretrained=family_k8_h4,mnist1d_k8_h4_avg_ov1000 \
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a pretrained=family_k8_h4 \
 		$(FED_ARGS) $(SHIPPED_ARGS)
 	$(MAKE) report
 

@@ -280,9 +280,9 @@ def test_shipped_table_lists_every_shipped_aggregator_with_its_settings():
     rows = results_page.shipped_table().splitlines()[2:]
     assert len(rows) == len(pretrained.available())
     assert all(row.count("|") == 13 for row in rows)
-    (row,) = [r for r in rows if "`digits_k8_h4_ov1000`" in r]
-    assert "| digits_mlp | 8 | 4 | 0.5 | iid | outer_valid | random | 400 |" in row
-    assert "`python -m lagg_pipeline experiment=pretrain_digits_k8_h4_ov1000 optimizer=lagg_a" in row
+    (row,) = [r for r in rows if "`digits_k8_h4_avg_ov1000`" in r]
+    assert "| digits_mlp | 8 | 4 | 0.5 | iid | outer_valid | averaging | 400 |" in row
+    assert "`python -m lagg_pipeline experiment=pretrain_digits_k8_h4_avg_ov1000 optimizer=lagg_a" in row
 
 
 def test_the_shipped_counterpart_is_the_recommended_one_else_one_trained_alike():

@@ -55,6 +55,9 @@ CASES = [
     # unknown keys and options
     ["foo=1"], ["num_grad=4"], ["optimizer=fedprox"], ["task=imagenet"], ["H=5"], ["k=7"], ["mode=train"],
     ["schedule=linear"], ["experiment=nope"], ["hparams_search=nope"], ["launcher=nope"], ["tracking=nope"],
+    ["meta_tasks=[digits_mlp,nope]"], ["meta_tasks=[digits_mlp,digits_mlp]"],
+    ["meta_tasks=[digits_mlp,mnist1d_mlp_small,mnist1d_mlp_deep]"],  # 8 particle pairs over 3 tasks
+    ["meta_loss_split=resplit", "partition=dirichlet"],
     ["meta_loss_split=test"], ["pretrained=nope"], ["optimizer=fedavg", "pretrained=digits_k8_h4_avg_ov1000"],
     ["task.model=resnet"], ["task=mnist1d_mlp", "task.image_size=8"],
     # files: missing, garbage, wrong K, not a checkpoint, a pickle that would run a command
