@@ -193,7 +193,7 @@ def _validate_family(cfg) -> None:
     _require(cfg.num_tasks % count == 0, f"num_tasks={cfg.num_tasks} is not allowed with {count} meta_tasks; it "
              f"must be a multiple of {count} (each task gets num_tasks / {count} particle pairs)")
     _require(cfg.pes_devices is None or 2 * cfg.num_tasks // count % cfg.pes_devices == 0,
-             f"pes_devices={cfg.pes_devices} is not allowed with {count} meta_tasks; it must divide each task's particles")
+             f"pes_devices={cfg.pes_devices} is not allowed: it must divide each of the {count} meta_tasks' particles")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -237,9 +237,10 @@ def validate(cfg) -> None:
             raise ConfigError(str(err)) from None
     _require(cfg.meta_loss_split in META_LOSS_SPLITS,
              f"meta_loss_split={cfg.meta_loss_split} is not allowed; choose one of: {', '.join(META_LOSS_SPLITS)}")
-    _require(cfg.meta_loss_split != "resplit" or cfg.partition.name == "iid",
-             f"meta_loss_split=resplit is not allowed with partition={cfg.partition.name}; it re-divides the "
-             f"whole pool per episode, which needs partition=iid")
+    trains = name in LEARNED_OPTIMIZERS and cfg.mode in ("auto", "meta_train") and not cfg.checkpoint
+    _require(cfg.meta_loss_split != "resplit" or cfg.partition.name == "iid" or not trains or cfg.pretrained,
+             f"meta_loss_split=resplit is not allowed with partition={cfg.partition.name}; it re-divides the whole "
+             f"pool per episode: meta-train over clients with meta_loss_split=train or outer_valid")
     _validate_family(cfg)
     _require(cfg.meta_init in META_INITS,
              f"meta_init={cfg.meta_init} is not allowed; choose one of: {', '.join(META_INITS)}")

@@ -145,12 +145,22 @@ def test_single_task_resplit_scores_the_episode_validation_part():
     ({"meta_tasks": ["digits_mlp", "mnist1d_mlp_small", "mnist1d_mlp_deep"]},
      "num_tasks=8 is not allowed with 3 meta_tasks; it must be a multiple of 3"),
     ({"meta_loss_split": "resplit", "partition": {"name": "dirichlet"}},
-     "meta_loss_split=resplit is not allowed with partition=dirichlet"),
+     "meta_loss_split=resplit is not allowed with partition=dirichlet; it re-divides the whole pool per episode: "
+     "meta-train over clients with meta_loss_split=train or outer_valid"),
 ])
 def test_family_and_resplit_settings_are_refused_in_one_line(overrides, message):
+    """Only where they would be used: a job that meta-trains (the resplit default must not stop
+    a hand-designed benchmark over clients)."""
     cfg = OmegaConf.merge(OmegaConf.structured(Config),
                           {"optimizer": {"name": "lagg_a"}, "task": {"name": "digits_mlp", "dataset": "digits"}},
                           overrides)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         validate(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_resplit_over_clients_is_fine_where_nothing_is_meta_trained():
+    for job in ({"optimizer": {"name": "fedavg"}}, {"optimizer": {"name": "lagg_a"}, "mode": "benchmark",
+                                                    "pretrained": "family_k8_h4"}):
+        validate(OmegaConf.merge(OmegaConf.structured(Config), {"task": {"name": "digits_mlp", "dataset": "digits"}},
+                                 {"meta_loss_split": "resplit", "partition": {"name": "dirichlet"}}, job))
