@@ -24,7 +24,9 @@ from lagg_pipeline.data.splits import Split, Splits
 
 # The layout key is fold_in(data_key, _LAYOUT_SALT): distinct from the stream key itself and
 # from any client stream fold_in(data_key, m) (resplit runs have no clients; the salt is above
-# any client index anyway).
+# any client index anyway). It equals the fixed outer-valid split's batch key in meta/pes.py,
+# which a resplit run never draws (the two meta-losses exclude each other); the shipped
+# family aggregators were meta-trained with it, so it stays.
 _LAYOUT_SALT = 0x7FFFFFFF
 VALID_FRACTION_DENOMINATOR = 5  # 1/5 validation: the training part is the benchmark train split's size
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from lagg_pipeline.meta.pes import PES, PESData, PESState
 
+
 def task_config(name: str):
     """The ``conf/task/<name>.yaml`` entry on top of the typed TaskConfig schema."""
     from lagg_pipeline.config import CONFIG_PACKAGE, TaskConfig
