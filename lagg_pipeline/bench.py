@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -227,7 +228,8 @@ def measure(name: str, args, gflops: float) -> dict:
 def format_table(numbers: dict) -> str:
     lines = [f"device {numbers['device']}, jax {numbers['jax_version']}, matmul probe "
              f"{numbers['matmul_gflops']:.0f} GFLOP/s; K={DEFAULT.K}, H={DEFAULT.H}, B={DEFAULT.B}; "
-             f"PES {DEFAULT.num_tasks} pairs x {DEFAULT.trunc_length} rounds", ""]
+             f"PES {DEFAULT.num_tasks} pairs x {DEFAULT.trunc_length} rounds over {numbers['device_count']} "
+             f"device(s)", f"XLA_FLAGS={numbers['xla_flags'] or '(none)'}", ""]
     header = f"{'task':<12} {'measure':<15} {'seconds':>10} {'compile s':>10} {'MiB':>8} {'GFLOP':>9} {'% of limit':>10}"
     lines += [header, "-" * len(header)]
     for task in TASKS:
@@ -274,7 +276,8 @@ def main(argv=None) -> dict:
     # Compile times are cold: a fresh persistent cache, which time_pes then reads back.
     xla_cache.enable(tempfile.mkdtemp(prefix="lagg_bench_xla_"), env_wins=False)
     gflops = matmul_gflops()
-    numbers = {"device": str(jax.devices()[0]), "jax_version": jax.__version__, "matmul_gflops": gflops}
+    numbers = {"device": str(jax.devices()[0]), "jax_version": jax.__version__, "matmul_gflops": gflops,
+               "device_count": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     for name in args.tasks.split(","):
         numbers.update({f"{name}.{k}": v for k, v in measure(name, args, gflops).items()})
     table = format_table(numbers)

@@ -52,9 +52,15 @@ def test_sharded_pes_equals_single_device(devices, tmp_path):
 
 
 def test_particle_devices_choice():
+    """By default the most devices that divide the particles (one CPU device per core here, see
+    lagg_pipeline/xla_flags.py); an explicit count must exist and divide them."""
+    import jax
+
     from lagg_pipeline.meta.devices import particle_devices
 
-    assert particle_devices(None, 16) == 1  # this process has one CPU device
+    available = jax.device_count()
+    assert particle_devices(None, 16) == max(d for d in range(1, available + 1) if 16 % d == 0)
+    assert particle_devices(None, 1) == 1
     assert particle_devices(1, 16) == 1
-    with pytest.raises(ValueError, match="pes_devices=3 is not allowed"):
-        particle_devices(3, 16)
+    with pytest.raises(ValueError, match=f"pes_devices={available + 1} is not allowed"):
+        particle_devices(available + 1, 16)
