@@ -250,11 +250,13 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
         assert f"_h{metadata['num_local_steps']}" in name and metadata["num_grads"] == 8
         family = name.startswith("family")
         assert metadata.get("meta_tasks") == (["digits_mlp", "mnist1d_mlp_small"] if family else None)
-        assert metadata["meta_loss_split"] == ("resplit" if family else "outer_valid" if "_ov" in name else "train")
+        resplit = family or name.endswith("_resplit")
+        assert metadata["meta_loss_split"] == ("resplit" if resplit else "outer_valid" if "_ov" in name else "train")
         assert metadata["outer_steps"] == 2 and metadata["meta_train_seconds"] > 0
         assert metadata["partition"] == ("dirichlet(alpha=0.1, M=64)" if "dirichlet" in name else "iid")
-        # names carry _avg for an averaging start, except on MNIST-1D where all but the _ov ones start so
-        averaging = "_avg" in name or family or (name.startswith("mnist1d") and not name.endswith("_ov"))
+        # names carry _avg for an averaging start, except the resplit ones (all start so) and on
+        # MNIST-1D, where all but the _ov ones start so
+        averaging = "_avg" in name or resplit or (name.startswith("mnist1d") and not name.endswith("_ov"))
         assert metadata["meta_init"] == ("averaging" if averaging else "random"), name
 
 
