@@ -18,7 +18,6 @@ the scaling sweep against K, H, B and model size is lagg_pipeline/bench_scaling.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -282,15 +281,9 @@ def main(argv=None) -> dict:
         numbers.update({f"{name}.{k}": v for k, v in measure(name, args, gflops).items()})
     table = format_table(numbers)
     print(table)
-    if args.readme:
-        from pathlib import Path
+    from lagg_pipeline.comparison import write_outputs
 
-        from lagg_pipeline.comparison import splice_readme
-
-        splice_readme(Path(args.readme), f"```\n$ make bench\n{table}\n```", BENCH_BEGIN, BENCH_END)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(numbers, f, indent=2)
+    write_outputs(table, numbers, "make bench", args.readme, args.json, BENCH_BEGIN, BENCH_END)
     if args.mlflow:
         log_to_mlflow(numbers, "make bench")
     return numbers

@@ -98,15 +98,9 @@ def main(argv=None) -> dict:
     result = compare(args.tasks.split(","), args.passes, args.outer_steps, args.rounds, args.repeats, cores)
     text = table(result, cores)
     print(text)
-    if args.readme:
-        from pathlib import Path
+    from lagg_pipeline.comparison import write_outputs
 
-        from lagg_pipeline.comparison import splice_readme
-
-        splice_readme(Path(args.readme), f"```\n$ make bench-xla\n{text}\n```", BEGIN, END)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_outputs(text, result, "make bench-xla", args.readme, args.json, BEGIN, END)
     return result
 
 
