@@ -33,7 +33,8 @@ NOT_SETTINGS = {"seed", "num_runs", "progress", "mode", "tuned", "tuned_dir", "w
 NOT_SETTINGS_PREFIXES = ("tracking.", "distributed.")
 # Meta-training keys: settings only of a run that meta-trained its own aggregator.
 META_TRAINING = {"hidden_size", "num_tasks", "trunc_length", "pes_std", "num_inner_steps", "weight_decay",
-                 "truncation_schedule_min_length", "meta_loss_split", "meta_init", "meta_init_scale", "num_outer_steps"}
+                 "truncation_schedule_min_length", "meta_loss_split", "meta_loss_train_weight", "meta_init",
+                 "meta_init_scale", "num_outer_steps"}
 
 
 class Curves(NamedTuple):

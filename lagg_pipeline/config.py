@@ -57,23 +57,6 @@ class PartitionConfig:
     seed: int = 0  # the partition's own seed (the same clients for every run seed)
 
 
-def partition_label(partition) -> str:
-    """A short name of the partition, used in tags, run names and the report."""
-    if partition.name == "dirichlet":
-        return f"dirichlet(alpha={partition.alpha:g}, M={partition.num_clients})"
-    if partition.name == "shards":
-        return f"shards({partition.shards_per_client}/client, M={partition.num_clients})"
-    return "iid"
-
-
-def partition_slug(label: str) -> str:
-    """"dirichlet(alpha=0.1, M=64)" -> "_dirichlet_alpha0.1_M64"; nothing for iid (file and entry names)."""
-    if label == "iid":
-        return ""
-    return "_" + "_".join("".join(ch for ch in part if ch.isalnum() or ch in ".")
-                          for part in label.replace("(", " ").split())
-
-
 @dataclass
 class DistributedConfig:
     """Meta-training over several processes (hosts) with JAX's own runtime
@@ -132,6 +115,7 @@ class Config:
     num_inner_steps: int = 1000
     truncation_schedule_min_length: int = 100
     meta_loss_split: str = "train"  # outer_valid: a fixed held-out split; resplit: fresh per episode (SPEC 4)
+    meta_loss_train_weight: float = 0.0  # w: a held-out meta-loss becomes w * train loss + (1 - w) * held-out
     meta_tasks: list[str] = field(default_factory=list)  # meta-train over these conf/task entries (a family)
     meta_init: str = "random"  # SPEC 3.3's random network, or "averaging": start as normalised worker averaging
     meta_init_scale: float = 10.0  # meta_init=averaging: the first steps' size, in units of STEP_MULT per element
@@ -219,7 +203,7 @@ def validate(cfg) -> None:
               "learning_rate", "slowmo_learning_rate", "num_runs", "num_rounds", "eval_every",
               "hidden_size", "num_tasks", "trunc_length", "pes_std", "num_inner_steps",
               "truncation_schedule_min_length", "num_outer_steps", "save_iter",
-              "checkpoints_to_keep")
+              "checkpoints_to_keep", "meta_init_scale")
     _require(cfg.trunc_length >= 2, f"trunc_length={cfg.trunc_length} is not allowed; it must be >= 2 (a "
              f"one-round truncation that resets has no unmasked step, so its PES estimate is undefined)")
     _require(not cfg.resume or (cfg.mode in ("auto", "meta_train") and cfg.checkpoint is None and cfg.pretrained is None),
@@ -237,6 +221,10 @@ def validate(cfg) -> None:
             raise ConfigError(str(err)) from None
     _require(cfg.meta_loss_split in META_LOSS_SPLITS,
              f"meta_loss_split={cfg.meta_loss_split} is not allowed; choose one of: {', '.join(META_LOSS_SPLITS)}")
+    weight = cfg.meta_loss_train_weight
+    _require(0 <= weight <= 1 and (weight == 0 or cfg.meta_loss_split != "train"),
+             f"meta_loss_train_weight={weight} is not allowed with meta_loss_split={cfg.meta_loss_split}; it must be "
+             f"in [0, 1] and mixes the training loss into a held-out meta-loss (outer_valid or resplit)")
     trains = name in LEARNED_OPTIMIZERS and cfg.mode in ("auto", "meta_train") and not cfg.checkpoint
     _require(cfg.meta_loss_split != "resplit" or cfg.partition.name == "iid" or not trains or cfg.pretrained,
              f"meta_loss_split=resplit is not allowed with partition={cfg.partition.name}; it re-divides the whole "
@@ -244,7 +232,6 @@ def validate(cfg) -> None:
     _validate_family(cfg)
     _require(cfg.meta_init in META_INITS,
              f"meta_init={cfg.meta_init} is not allowed; choose one of: {', '.join(META_INITS)}")
-    _require(cfg.meta_init_scale > 0, f"meta_init_scale={cfg.meta_init_scale} is not allowed; it must be > 0")
     _require(cfg.meta_init == "random" or cfg.hidden_size >= 2,
              f"hidden_size={cfg.hidden_size} is not allowed with meta_init=averaging; it must be >= 2")
     _require(cfg.fedavg_local_learning_rate is None or cfg.fedavg_local_learning_rate > 0,

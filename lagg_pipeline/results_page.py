@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from lagg_pipeline.comparison import Curves
-from lagg_pipeline.config import partition_slug
+from lagg_pipeline.data.partition import partition_slug
 from lagg_pipeline.report import LOSS_FLOOR, TRAIN_TAIL, floored
 from lagg_pipeline.verdict import Judgement, Stats, judge
 
@@ -193,7 +193,13 @@ def shipped_table() -> str:
         seconds = m.get("meta_train_seconds")
         minutes = f"{seconds / 60:.0f} min" if seconds else "?"
         lines.append(f"| {variant} | `{name}` | {m.get('task')} | {m.get('num_grads')} | {m.get('num_local_steps')} | "
-                     f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {m.get('meta_loss_split', 'train')} | "
+                     f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {_meta_loss(m)} | "
                      f"{m.get('meta_init', 'random')} | {m.get('outer_steps')} | "
                      f"{minutes} | `{m.get('command', '?')}` |")
     return "\n".join(lines)
+
+
+def _meta_loss(meta: dict) -> str:
+    """The meta-loss a shipped file was trained on: its split, and the training loss's share if mixed in."""
+    weight = meta.get("meta_loss_train_weight")
+    return meta.get("meta_loss_split", "train") + (f" + {weight:g}·train" if weight else "")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lagg_pipeline.config import partition_label, partition_slug
+from lagg_pipeline.data.partition import partition_label, partition_slug
 
 TUNED_ROOT = "tuned_hparams"  # under the config package (not "tuned": that is a config key)
 SELECTION_METRIC = "final_outer_valid_loss"

@@ -1,4 +1,6 @@
 """Per-episode train/validation division (meta_loss_split=resplit) and task-family PES."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,6 +141,43 @@ def test_single_task_resplit_scores_the_episode_validation_part():
     assert valid.y.shape[0] == 60 // 5 and np.isfinite(float(score))
 
 
+@pytest.mark.parametrize("split", ["resplit", "outer_valid"])
+def test_a_mixed_meta_loss_is_the_weighted_sum_of_the_training_and_held_out_losses(split):
+    """meta_loss_train_weight=w scores a round by w * (the train split's score) + (1 - w) * (the
+    held-out score), each computed by the estimator that uses it alone, on the same member."""
+    task, splits = softmax_task("a", 4), synthetic_splits(0, 60, 4)
+    aggregator = LearnedAggregator("lagg_a", 2, 8)
+    meta_params = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    data = pes_data(family_cfg(meta_loss_split=split), splits)
+
+    def score(weight, scored_split=split):
+        pes = make_estimator(family_cfg(num_tasks=2, meta_loss_split=scored_split, meta_loss_train_weight=weight),
+                             task, aggregator, lambda members: None)
+        member = jax.tree.map(lambda x: x[0], pes.init(meta_params, jax.random.PRNGKey(1), data).rounds)
+        next_state, loss = jax.jit(pes._round)(meta_params, member, data)
+        return float(loss), next_state
+
+    held_out, state_held = score(0.0)
+    train, state_train = score(0.0, "train")
+    mixed, state_mixed = score(0.25)
+    assert abs(train - held_out) > 1e-3  # the two scores differ, so the mix is visible
+    np.testing.assert_allclose(mixed, 0.25 * train + 0.75 * held_out, rtol=1e-6)
+    np.testing.assert_allclose(score(1.0)[0], train, rtol=1e-6)
+    for a, b, c in zip(*map(jax.tree.leaves, (state_held, state_train, state_mixed))):
+        np.testing.assert_array_equal(a, b)  # the score only: the training round is the same
+        np.testing.assert_array_equal(a, c)
+
+
+def test_a_mixed_meta_loss_names_its_own_meta_training_and_records_its_weight():
+    from lagg_pipeline.jobs.meta_train import meta_params_metadata, meta_run_name
+
+    base = family_cfg(task={"name": "digits_mlp", "dataset": "digits"})
+    mixed = family_cfg(task={"name": "digits_mlp", "dataset": "digits"}, meta_loss_train_weight=0.5)
+    assert meta_run_name(base) != meta_run_name(mixed)
+    assert "meta_loss_train_weight" not in meta_params_metadata(base)  # earlier files and names unchanged
+    assert meta_params_metadata(mixed)["meta_loss_train_weight"] == 0.5
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"meta_tasks": ["digits_mlp", "no_such_task"]}, "meta_tasks: no_such_task is not a task; choose from:"),
     ({"meta_tasks": ["digits_mlp", "digits_mlp"]}, "names a task twice"),
@@ -147,6 +186,9 @@ def test_single_task_resplit_scores_the_episode_validation_part():
     ({"meta_loss_split": "resplit", "partition": {"name": "dirichlet"}},
      "meta_loss_split=resplit is not allowed with partition=dirichlet; it re-divides the whole pool per episode: "
      "meta-train over clients with meta_loss_split=train or outer_valid"),
+    ({"meta_loss_train_weight": 0.5}, "meta_loss_train_weight=0.5 is not allowed with meta_loss_split=train; it "
+     "must be in [0, 1] and mixes the training loss into a held-out meta-loss (outer_valid or resplit)"),
+    ({"meta_loss_split": "resplit", "meta_loss_train_weight": 1.5}, "meta_loss_train_weight=1.5 is not allowed"),
 ])
 def test_family_and_resplit_settings_are_refused_in_one_line(overrides, message):
     """Only where they would be used: a job that meta-trains (the resplit default must not stop
@@ -154,7 +196,7 @@ def test_family_and_resplit_settings_are_refused_in_one_line(overrides, message)
     cfg = OmegaConf.merge(OmegaConf.structured(Config),
                           {"optimizer": {"name": "lagg_a"}, "task": {"name": "digits_mlp", "dataset": "digits"}},
                           overrides)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
         validate(cfg)
     assert "\n" not in str(err.value)
 

@@ -30,6 +30,23 @@ from lagg_pipeline.data.splits import Split, Splits
 PARTITIONS = ("iid", "dirichlet", "shards")
 
 
+def partition_label(partition) -> str:
+    """A short name of the partition, used in tags, run names and the report."""
+    if partition.name == "dirichlet":
+        return f"dirichlet(alpha={partition.alpha:g}, M={partition.num_clients})"
+    if partition.name == "shards":
+        return f"shards({partition.shards_per_client}/client, M={partition.num_clients})"
+    return "iid"
+
+
+def partition_slug(label: str) -> str:
+    """"dirichlet(alpha=0.1, M=64)" -> "_dirichlet_alpha0.1_M64"; nothing for iid (file and entry names)."""
+    if label == "iid":
+        return ""
+    return "_" + "_".join("".join(ch for ch in part if ch.isalnum() or ch in ".")
+                          for part in label.replace("(", " ").split())
+
+
 def check_partition(part, num_grads: int, dataset: str) -> None:
     """ValueError (one line naming the key) for a partition config no run can use."""
     from lagg_pipeline.data.splits import DATASETS, split_sizes

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from lagg_pipeline.config import partition_label
+from lagg_pipeline.data.partition import partition_label
 from lagg_pipeline.jobs.common import (FEDAVG, chosen_keys, end_status, hand_server_update, learned_aggregator,
                                        output_dir, start_job_run)
 

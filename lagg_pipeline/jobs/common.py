@@ -8,7 +8,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lagg_pipeline import tracking
-from lagg_pipeline.config import SHORTHANDS, ConfigError, partition_label
+from lagg_pipeline.config import SHORTHANDS, ConfigError
+from lagg_pipeline.data.partition import partition_label
 from lagg_pipeline.errors import UserError
 
 

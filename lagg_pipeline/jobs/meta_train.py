@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lagg_pipeline import tracking
-from lagg_pipeline.config import partition_label
+from lagg_pipeline.data.partition import partition_label
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.jobs.common import command_line, end_status, jax_tree, output_dir, start_job_run
 
@@ -35,6 +35,8 @@ def meta_run_name(cfg) -> str:
         what.update(meta_init=cfg.meta_init, meta_init_scale=cfg.meta_init_scale)
     if cfg.meta_tasks:
         what.update(meta_tasks=list(cfg.meta_tasks))
+    if cfg.meta_loss_train_weight:
+        what.update(meta_loss_train_weight=cfg.meta_loss_train_weight)
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.optimizer.name}_{cfg.task.name}_K{cfg.num_grads}_H{cfg.num_local_steps}_{digest}"
 
@@ -44,7 +46,8 @@ def meta_params_metadata(cfg, **extra) -> dict:
             "num_local_steps": cfg.num_local_steps, "local_learning_rate": cfg.local_learning_rate,
             "local_batch_size": cfg.local_batch_size, "meta_loss_split": cfg.meta_loss_split,
             "task": cfg.task.name, "partition": partition_label(cfg.partition), "meta_init": cfg.meta_init,
-            **({"meta_tasks": list(cfg.meta_tasks)} if cfg.meta_tasks else {}), **extra}
+            **({"meta_tasks": list(cfg.meta_tasks)} if cfg.meta_tasks else {}),
+            **({"meta_loss_train_weight": cfg.meta_loss_train_weight} if cfg.meta_loss_train_weight else {}), **extra}
 
 
 def sweep_dir() -> str | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lagg_pipeline import tracking
-from lagg_pipeline.config import ConfigError, partition_label
+from lagg_pipeline.config import ConfigError
+from lagg_pipeline.data.partition import partition_label
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.jobs.common import command_line_keys, jax_tree
 

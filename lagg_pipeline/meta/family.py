@@ -98,6 +98,7 @@ def make_estimator(cfg, task, aggregator, sharding_for):
                    max_length=cfg.num_inner_steps, num_grads=cfg.num_grads,
                    num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
                    local_learning_rate=cfg.local_learning_rate, meta_loss_split=cfg.meta_loss_split,
+                   meta_loss_train_weight=cfg.meta_loss_train_weight,
                    particle_sharding=sharding_for(2 * num_pairs))
 
     if not isinstance(task, list):  # a Task is itself a (named) tuple

@@ -65,15 +65,20 @@ class PES:
     the loss of the updated weights on ``data.meta`` (SPEC 4, ``meta_loss_split``);
     ``"resplit"`` by their loss on the episode's own validation part of ``data.train``, an
     :class:`~lagg_pipeline.data.episode_split.EpisodePool` divided anew by every episode.
+    ``meta_loss_train_weight`` w > 0 scores a held-out split by w * training loss + (1 - w) *
+    held-out loss: the held-out loss alone does not reward training speed.
     """
 
     def __init__(self, task, aggregator, *, num_tasks: int, trunc_length: int,
                  pes_std: float, min_length: int, max_length: int, num_grads: int,
                  num_local_steps: int, local_batch_size: int, local_learning_rate: float,
-                 meta_loss_split: str = "train", particle_sharding=None):
+                 meta_loss_split: str = "train", meta_loss_train_weight: float = 0.0, particle_sharding=None):
         if meta_loss_split not in META_LOSS_SPLITS:
             raise ValueError(f"meta_loss_split={meta_loss_split}; choose one of: {', '.join(META_LOSS_SPLITS)}")
+        if not 0 <= meta_loss_train_weight <= 1:
+            raise ValueError(f"meta_loss_train_weight={meta_loss_train_weight}; it must be in [0, 1]")
         self.task, self.aggregator, self.meta_loss_split = task, aggregator, meta_loss_split
+        self.train_weight = meta_loss_train_weight
         self.particle_sharding = particle_sharding  # lagg_pipeline.meta.devices; None on one device
         self.num_tasks, self.trunc_length, self.std = num_tasks, trunc_length, pes_std
         self.min_length, self.max_length = min_length, max_length
@@ -90,8 +95,12 @@ class PES:
             return state, train_loss
         if self.meta_loss_split == "resplit":
             valid = episode_split.valid_split(data.train, state.data_key)
-            return state, self.task.loss(state.params, valid.x, valid.y)
-        return state, self._held_out_loss(state, data.meta)
+            held_out = self.task.loss(state.params, valid.x, valid.y)
+        else:
+            held_out = self._held_out_loss(state, data.meta)
+        if self.train_weight == 0:  # the held-out loss alone, computed exactly as without the option
+            return state, held_out
+        return state, self.train_weight * train_loss + (1 - self.train_weight) * held_out
 
     def _held_out_loss(self, state: RoundState, split: Split):
         """The updated weights' loss on the whole split, or on a round-sized batch of a larger one."""
