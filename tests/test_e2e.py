@@ -234,8 +234,9 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
     """All pretrain_<name> recipes in one sweep, with tiny budgets; each export records its recipe."""
     recipes = _recipes("pretrain_")
     assert len(recipes) >= 4
-    # tiny budgets, but each recipe's own episode lengths (they tell some recipes apart)
-    cli("--multirun", f"experiment={','.join(recipes)}", "optimizer=lagg_a", "num_tasks=2", "trunc_length=3",
+    # tiny budgets (4 particle pairs: one per task of the widest family), but each recipe's own
+    # episode lengths (they tell some recipes apart)
+    cli("--multirun", f"experiment={','.join(recipes)}", "optimizer=lagg_a", "num_tasks=4", "trunc_length=3",
         "num_outer_steps=2", "save_iter=2", "schedule=constant")
     exported = {}
     for path in Path("outputs/multirun").rglob("meta_params.npz"):
@@ -248,8 +249,10 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
         name = recipe[len("pretrain_"):]
         assert metadata["task"] == ("mnist1d_mlp" if name.startswith("mnist1d") else "digits_mlp")
         assert f"_h{metadata['num_local_steps']}" in name and metadata["num_grads"] == 8
-        family = name.startswith("family")
-        assert metadata.get("meta_tasks") == (["digits_mlp", "mnist1d_mlp_small"] if family else None)
+        families = {"family": ["digits_mlp", "mnist1d_mlp_small"],
+                    "family4": ["digits_mlp", "mnist1d_mlp_small", "digits_mlp_wide", "mnist1d_mlp_shallow"]}
+        family = name.split("_k8")[0] in families
+        assert metadata.get("meta_tasks") == families.get(name.split("_k8")[0])
         resplit = family or name.endswith("_resplit")
         assert metadata["meta_loss_split"] == ("resplit" if resplit else "outer_valid" if "_ov" in name else "train")
         assert metadata.get("meta_loss_train_weight") == (0.5 if name.endswith("_mix") else None)
