@@ -62,7 +62,7 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 	for task in $(TUNE_TASKS); do for opt in $(BASELINES); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=$$task H=4,8 || exit 1; done; done
 	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist5k_mlp H=4  # the unseen task's reference
-	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist1d_mlp_deep H=4  # the unseen architecture's
+	$(PY) -m lagg_pipeline --multirun hparams_search=fedavg task=mnist1d_mlp_deep H=4,8  # the unseen architecture's
 	for opt in $(filter-out fedavg,$(BASELINES)); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=mnist5k_mlp H=4 num_runs=1 || exit 1; done
 	for opt in $(BASELINES); do \
@@ -85,15 +85,16 @@ BASELINE_LIST := $(subst $(eval) ,$(COMMA),$(BASELINES))
 results: install ## benchmark tuned baselines and shipped aggregators, then `make report`
 	for task in digits_mlp mnist1d_mlp mnist5k_mlp; do \
 		$(PY) -m lagg_pipeline --multirun optimizer=$(BASELINE_LIST) task=$$task H=4,8 $(RESULTS_ARGS) || exit 1; done
-	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist1d_mlp_deep H=4 $(RESULTS_ARGS)
+	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist1d_mlp_deep H=4,8 $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(SHIPPED_ARGS) \
 		pretrained=family_k8_h4,digits_k8_h4_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp H=8 $(SHIPPED_ARGS) \
 		pretrained=family_k8_h4,digits_k8_h8_avg_ov1000
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp H=4,8 $(SHIPPED_ARGS) pretrained=family_k8_h4
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist5k_mlp H=4,8 $(SHIPPED_ARGS) pretrained=family_k8_h4
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp_deep H=4 $(SHIPPED_ARGS) pretrained=family_k8_h4
-	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp,mnist1d_mlp,mnist1d_mlp_deep,mnist5k_mlp \
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp_deep H=4,8 $(SHIPPED_ARGS) pretrained=family_k8_h4
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp,mnist1d_mlp $(SHIPPED_ARGS) pretrained=family_k8_h4
+	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=mnist1d_mlp_deep,mnist5k_mlp H=4,8 \
 		$(SHIPPED_ARGS) pretrained=family_k8_h4
 	$(MAKE) report
 
