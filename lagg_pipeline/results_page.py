@@ -193,13 +193,8 @@ def shipped_table() -> str:
         seconds = m.get("meta_train_seconds")
         minutes = f"{seconds / 60:.0f} min" if seconds else "?"
         lines.append(f"| {variant} | `{name}` | {m.get('task')} | {m.get('num_grads')} | {m.get('num_local_steps')} | "
-                     f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {_meta_loss(m)} | "
+                     f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {pretrained.meta_loss_label(m)} | "
                      f"{m.get('meta_init', 'random')} | {m.get('outer_steps')} | "
                      f"{minutes} | `{m.get('command', '?')}` |")
     return "\n".join(lines)
 
-
-def _meta_loss(meta: dict) -> str:
-    """The meta-loss a shipped file was trained on: its split, and the training loss's share if mixed in."""
-    weight = meta.get("meta_loss_train_weight")
-    return meta.get("meta_loss_split", "train") + (f" + {weight:g}·train" if weight else "")

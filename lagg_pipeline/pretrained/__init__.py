@@ -65,19 +65,28 @@ def recommended(variant: str, task: str, num_grads: int, num_local_steps: int) -
     return None
 
 
+def meta_loss_label(meta: dict) -> str:
+    """The meta-loss a shipped file was trained on: its split, and the training loss's share if mixed in."""
+    weight = meta.get("meta_loss_train_weight")
+    return meta.get("meta_loss_split", "train") + (f" + {weight:g}·train" if weight else "")
+
+
 def describe() -> str:
     """Per shipped aggregator: what to use it for, what it was trained on, how to re-create it."""
-    use_for = {(e["variant"], e["name"]): e for e in recommendations()}
+    use_for: dict = {}
+    for entry in recommendations():
+        use_for.setdefault((entry["variant"], entry["name"]), []).append(entry)
     lines = []
     for (variant, name), file in available().items():
         meta = metadata(file)
-        entry = use_for.get((variant, name))
-        advice = (f"use for: {', '.join(entry['tasks'])} at K={entry['num_grads']}, H={'/'.join(map(str, entry['H']))}"
-                  f" ({entry['why']})" if entry else "no recommendation: kept for comparison")
+        entries = use_for.get((variant, name))
+        advice = ("use for: " + "; ".join(f"{', '.join(e['tasks'])} at K={e['num_grads']}, H={'/'.join(map(str, e['H']))}"
+                                          f" ({e['why']})" for e in entries)
+                  if entries else "no recommendation: kept for comparison")
         family = f" meta_tasks={','.join(meta['meta_tasks'])}" if meta.get("meta_tasks") else ""
         lines.append(f"{variant} pretrained={name}: {advice}\n"
                      f"    trained: task={meta.get('task')}{family} K={meta.get('num_grads')} "
-                     f"H={meta.get('num_local_steps')} meta_loss_split={meta.get('meta_loss_split', 'train')} "
+                     f"H={meta.get('num_local_steps')} meta-loss={meta_loss_label(meta)} "
                      f"partition={meta.get('partition', 'iid')} meta_init={meta.get('meta_init', 'random')} "
                      f"outer_steps={meta.get('outer_steps')}\n    re-create: {meta.get('command', '?')}")
     return "\n".join(lines) or "no pretrained aggregators are shipped"
