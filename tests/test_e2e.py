@@ -108,18 +108,26 @@ def test_benchmark_uses_the_trained_settings_and_refuses_another_k():
 
 
 def test_kill_during_meta_training_then_resume_equals_uninterrupted():
+    import os
+
+    from lagg_pipeline.checkpoint import PAUSE_ENV
+
     args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=12", "save_iter=3",
             "progress=false"]
     cli(*args, "checkpoint_dir=straight")
+    # Killed between checkpoints 6 and 9: it stops itself while writing 9 (polling for checkpoint
+    # 6 instead raced a loaded machine, which could finish all 12 steps before the kill).
     proc = subprocess.Popen([sys.executable, "-m", "lagg_pipeline", *args, "checkpoint_dir=killed"],
+                            env={**os.environ, PAUSE_ENV: "ckpt_00000009.npz:mid_write"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while not list(Path("killed").rglob("ckpt_00000006.npz")) and time.time() < deadline:
-        time.sleep(0.2)
+    while not _stopped(proc.pid):
+        assert proc.poll() is None and time.time() < deadline, "never paused"
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (run_dir,) = [p for p in Path("killed").iterdir() if p.is_dir()]
-    assert not (run_dir / "ckpt_00000012.npz").exists(), "the run finished before it was killed"
+    assert (run_dir / "ckpt_00000006.npz").exists() and not (run_dir / "ckpt_00000009.npz").exists()
     out = cli(*args, "checkpoint_dir=killed", "resume=true")
     assert "resuming" in out.stdout
     (straight_dir,) = [p for p in Path("straight").iterdir() if p.is_dir()]
