@@ -106,6 +106,32 @@ def test_resumed_run_logs_each_outer_step_once(tmp_path, monkeypatch):
     assert run.steps["seconds_per_outer_step"] == list(range(1, 8))
 
 
+def test_a_kill_right_after_a_checkpoint_loses_no_logged_step(tmp_path):
+    """Metrics reach MLflow before the checkpoint that a resume starts from is written, so a
+    process killed just after writing checkpoint 6 never resumes past steps MLflow lacks."""
+    cfg = tiny_cfg(num_outer_steps=9, save_iter=3, trunc_length=2)
+    trainer, run = make_trainer(cfg), RecordingRun()
+    manager = CheckpointManager(tmp_path)
+    save = manager.save
+
+    def killed_after_writing_6(step, tree, metadata=None):
+        path = save(step, tree, metadata)
+        if step == 6:
+            raise Interrupt  # as SIGKILL here: nothing after the write runs
+        return path
+
+    manager.save = killed_after_writing_6
+    with pytest.raises(Interrupt):
+        run_meta_training(trainer, manager, run, metadata={}, progress=False)
+    assert manager.latest_step() == 6 and run.steps["meta_loss"] == list(range(1, 7))
+
+    fresh = make_trainer(cfg)
+    state, _ = CheckpointManager(tmp_path).restore(fresh.init())
+    run_meta_training(fresh, CheckpointManager(tmp_path), run, metadata={}, state=state, progress=False,
+                      logged_through=max(run.steps["meta_loss"]))
+    assert run.steps["meta_loss"] == list(range(1, 10))
+
+
 def test_sigterm_checkpoints_the_finished_step_and_resume_equals_uninterrupted(tmp_path):
     import os
     import signal

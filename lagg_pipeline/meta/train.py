@@ -159,8 +159,10 @@ def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run,
             if outer_step % cfg.save_iter == 0 or outer_step == cfg.num_outer_steps or stop:
                 host_state = host_copy(state)  # with several processes, every one gathers; process 0 writes
                 if is_leader():
+                    # Metrics first: a kill between the two then leaves MLflow ahead of the checkpoint
+                    # (a resume redoes those steps bit for bit and skips logging them), never behind it.
+                    flush()
                     path = checkpoints.save(outer_step, host_state, metadata)
-                    flush()  # MLflow then holds every step a resume will not redo
                     run.log_artifact(path, "checkpoints")
                 if stop and outer_step < cfg.num_outer_steps:
                     raise Preempted(f"SIGTERM at outer step {outer_step}: checkpoint {checkpoints.path(outer_step)} "
