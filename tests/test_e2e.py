@@ -108,24 +108,12 @@ def test_benchmark_uses_the_trained_settings_and_refuses_another_k():
 
 
 def test_kill_during_meta_training_then_resume_equals_uninterrupted():
-    import os
-
-    from lagg_pipeline.checkpoint import PAUSE_ENV
-
     args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=12", "save_iter=3",
             "progress=false"]
     cli(*args, "checkpoint_dir=straight")
     # Killed between checkpoints 6 and 9: it stops itself while writing 9 (polling for checkpoint
     # 6 instead raced a loaded machine, which could finish all 12 steps before the kill).
-    proc = subprocess.Popen([sys.executable, "-m", "lagg_pipeline", *args, "checkpoint_dir=killed"],
-                            env={**os.environ, PAUSE_ENV: "ckpt_00000009.npz:mid_write"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not _stopped(proc.pid):
-        assert proc.poll() is None and time.time() < deadline, "never paused"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_where_it_pauses(args, "killed", "ckpt_00000009.npz:mid_write")
     (run_dir,) = [p for p in Path("killed").iterdir() if p.is_dir()]
     assert (run_dir / "ckpt_00000006.npz").exists() and not (run_dir / "ckpt_00000009.npz").exists()
     out = cli(*args, "checkpoint_dir=killed", "resume=true")
@@ -150,12 +138,28 @@ def _stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
+def _kill_where_it_pauses(args, folder: str, pause: str) -> None:
+    """Start a meta-training that stops itself at ``pause`` ("<checkpoint file>:<moment>" of
+    writing it), wait until it has, and SIGKILL it there."""
+    import os
+
+    from lagg_pipeline.checkpoint import PAUSE_ENV
+
+    proc = subprocess.Popen([sys.executable, "-m", "lagg_pipeline", *args, f"checkpoint_dir={folder}"],
+                            env={**os.environ, PAUSE_ENV: pause}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not _stopped(proc.pid):
+        assert proc.poll() is None and time.time() < deadline, f"{pause}: never paused"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_inside_a_checkpoint_write_never_selects_the_partial_file():
     """SIGKILL at three moments of writing checkpoint 6 (data half-written, file complete but not
     renamed, renamed but `latest` not updated); each time resume=true ends bit-identical."""
-    import os
-
-    from lagg_pipeline.checkpoint import PAUSE_ENV, CheckpointManager
+    from lagg_pipeline.checkpoint import CheckpointManager
 
     args = ["optimizer=lopt_a", "mode=meta_train", *TINY_META, "num_outer_steps=9", "save_iter=3", "progress=false",
             "tracking=off"]
@@ -164,15 +168,7 @@ def test_sigkill_inside_a_checkpoint_write_never_selects_the_partial_file():
     expected = np.load(straight / "meta_params.npz")
     for moment in ("mid_write", "before_rename", "before_pointer"):
         folder = f"killed_{moment}"
-        proc = subprocess.Popen([sys.executable, "-m", "lagg_pipeline", *args, f"checkpoint_dir={folder}"],
-                                env={**os.environ, PAUSE_ENV: f"ckpt_00000006.npz:{moment}"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 600
-        while not _stopped(proc.pid):
-            assert proc.poll() is None and time.time() < deadline, f"{moment}: never paused"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        _kill_where_it_pauses(args, folder, f"ckpt_00000006.npz:{moment}")
         (run_dir,) = [p for p in Path(folder).iterdir() if p.is_dir()]
         manager = CheckpointManager(run_dir, keep=10)
         assert manager.latest_step() == 3, moment  # the pointer never names an unfinished file
