@@ -259,7 +259,8 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
         assert metadata.get("meta_tasks") == families.get(name.split("_k8")[0])
         resplit = family or name.endswith("_resplit")
         assert metadata["meta_loss_split"] == ("resplit" if resplit else "outer_valid" if "_ov" in name else "train")
-        assert metadata.get("meta_loss_train_weight") == (0.5 if name.endswith("_mix") else None)
+        weights = {"_mix": 0.5, "_mix75": 0.75}
+        assert metadata.get("meta_loss_train_weight") == weights.get(name[name.rfind("_"):]), name
         assert metadata["outer_steps"] == 2 and metadata["meta_train_seconds"] > 0
         assert metadata["partition"] == ("dirichlet(alpha=0.1, M=64)" if "dirichlet" in name else "iid")
         # names carry _avg for an averaging start, except the resplit ones (all start so) and on
