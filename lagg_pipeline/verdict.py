@@ -71,12 +71,17 @@ class Judgement(NamedTuple):
 
 
 def trailing_mean(curve: np.ndarray) -> np.ndarray:
-    """Trailing mean over TRAIN_TAIL rounds: one round's loss is too noisy to compare."""
-    bad = np.concatenate([[0], np.cumsum(~np.isfinite(curve))])
-    total = np.concatenate([[0.0], np.cumsum(np.where(np.isfinite(curve), curve, 0.0))])
-    r = np.arange(1, len(curve) + 1)
-    lo = np.maximum(r - TRAIN_TAIL, 0)
-    return np.where(bad[r] > bad[lo], np.inf, (total[r] - total[lo]) / (r - lo))
+    """Trailing mean over TRAIN_TAIL rounds: one round's loss is too noisy to compare.
+
+    Summed per window, not as differences of a running sum: a finite spike (a loss of 1e16 that
+    recovers) would cancel every later window to 0 there."""
+    if not len(curve):
+        return np.asarray(curve, dtype=float)
+    pad = TRAIN_TAIL - 1
+    windows = np.lib.stride_tricks.sliding_window_view(np.concatenate([np.zeros(pad), curve]), TRAIN_TAIL)
+    counts = np.minimum(np.arange(1, len(curve) + 1), TRAIN_TAIL)
+    finite = np.isfinite(windows).all(axis=1)
+    return np.where(finite, np.where(finite[:, None], windows, 0.0).sum(axis=1) / counts, np.inf)
 
 
 def stats(c: Curves, rounds: np.ndarray) -> Stats:

@@ -176,6 +176,16 @@ def test_trailing_mean_smooths_the_train_loss_and_keeps_divergence_visible():
     np.testing.assert_allclose(smoothed[50:], expected[50:])
 
 
+def test_trailing_mean_recovers_after_a_huge_finite_spike():
+    # a baseline seed whose loss blew up to 4.5e16 and fell back to ln(10): later windows read
+    # ln(10), not the 0 that differences of a running sum leave behind
+    curve = np.full(100, np.log(10.0), dtype=np.float32)
+    curve[30] = 4.5e16
+    smoothed = verdict.trailing_mean(curve)
+    assert (smoothed[30:40] > 1e15).all()
+    np.testing.assert_allclose(smoothed[40:], np.log(10.0), rtol=1e-6)
+
+
 def test_report_pools_seeds_of_one_method_and_keeps_the_newest_rerun(tmp_path):
     R = 300
     r = np.arange(1, R + 1, dtype=float)
