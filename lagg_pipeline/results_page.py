@@ -159,27 +159,66 @@ def markdown(pages: list[Page], out: Path, image_prefix: str = "", notes: Sequen
     return "\n".join(parts)
 
 
-_VERDICT = re.compile(r"^- \*\*(.+?)\*\* (holds|does not hold) on the test split\.(.*)$", re.M)
+_VERDICT = re.compile(r"^- \*\*(.+?)\*\*(, against tuned FedAvg alone,)? (holds|does not hold) on the test split\.(.*)$",
+                      re.M)
 _CRITERIA = ("(1) train loss below every baseline's", "(2) test accuracy within", "(3) test loss within")
+_TIME = re.compile(r"\(4\) time to target: (?:> )?\d+ rounds to .*?'s final test accuracy \S+ "
+                   r"\((?:([\d.e+]+)× the fastest baseline|never reached)")
+_HEADER = ("| comparison | holds on the test split | (1) train loss below every baseline's | (2) test accuracy within "
+           "0.5 points of the best | (3) test loss within 10% of the best | (4) rounds to the best's final test "
+           "accuracy, × the fastest baseline's |\n|---|---|---|---|---|---|")
+_SHOWN = 2  # names per cell; the rest are counted
+
+
+def _names(names: list[str]) -> str:
+    more = f" +{len(names) - _SHOWN}" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _best_count(criterion: str, verdicts: list[tuple]) -> str:
+    """The most evaluations any method meets ``criterion`` at, as 'k/N' and who (bold where k = N)."""
+    counts = {}
+    for name, _, _, text in verdicts:
+        m = re.search(re.escape(criterion) + r"[^;]*? at (\d+) of (\d+) evaluations", text)
+        if m:
+            counts[name] = (int(m[1]), int(m[2]))
+    if not counts:
+        return "—"
+    k, n = max(counts.values())
+    best = _names([name for name, c in counts.items() if c == (k, n)])
+    return f"**{k}/{n}** {best}" if k == n else f"{k}/{n} {best}"
+
+
+def _best_time(verdicts: list[tuple]) -> str:
+    ratios = {}
+    for name, _, _, text in verdicts:
+        m = _TIME.search(text)
+        if m and m[1]:
+            ratios[name] = float(m[1])
+    if not ratios:
+        return "never"
+    best = min(ratios.values())
+    return f"{best:g}× {_names([name for name, r in ratios.items() if r == best])}"
 
 
 def headline(results: str, link: str) -> str:
-    """One row per comparison of a generated Results page (``markdown``'s text), read from its verdict
-    lines: which learned methods hold on the test split, and which meet each criterion at every evaluation."""
-    rows = ["| comparison | holds on the test split | (1) lowest train loss throughout | (2) test accuracy within "
-            "0.5 points throughout | (3) test loss within 10% throughout |", "|---|---|---|---|---|"]
+    """The README's summary of a generated Results page (``markdown``'s text), read from its verdict lines:
+    per comparison, who holds on the test split, the most evaluations any learned method meets each
+    criterion at (k/N, and who), and the shortest time to target; then the same against tuned FedAvg
+    alone (the goal on tasks outside the meta-training family), where FedAvg is one of several baselines."""
+    tables = {"": [_HEADER], ", against tuned FedAvg alone,": ["Against tuned FedAvg alone:", "", _HEADER]}
     for section in re.split(r"^### ", results, flags=re.M)[1:]:
         title = section.splitlines()[0]
-        verdicts = _VERDICT.findall(section)
-        if not verdicts:
-            continue
-        met = lambda criterion: [name for name, _, text in verdicts
-                                 if re.search(re.escape(criterion) + r"[^;]*? at (\d+) of \1 evaluations", text)]
         anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
-        cells = [[name for name, holds, _ in verdicts if holds == "holds"], *(met(c) for c in _CRITERIA)]
-        rows.append(f"| [{title.split(':')[0] if 'clients:' not in title else ':'.join(title.split(':')[:2])}]"
-                    f"({link}#{anchor}) | " + " | ".join(", ".join(c) or "none" for c in cells) + " |")
-    return "\n".join(rows)
+        label = title.split(":")[0] if "clients:" not in title else ":".join(title.split(":")[:2])
+        for against, rows in tables.items():
+            verdicts = [v for v in _VERDICT.findall(section) if v[1] == against]
+            if verdicts:
+                holds = _names([name for name, _, verdict, _ in verdicts if verdict == "holds"]) or "none"
+                cells = [holds, *(_best_count(c, verdicts) for c in _CRITERIA), _best_time(verdicts)]
+                rows.append(f"| [{label}]({link}#{anchor}) | " + " | ".join(cells) + " |")
+    against_all, alone = tables.values()
+    return "\n".join(against_all + ([""] + alone if len(alone) > 3 else []))
 
 
 def shipped_table() -> str:
