@@ -97,7 +97,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp,mnist1d_mlp_deep,mnist5k_mlp H=4,8 \
 		$(SHIPPED_ARGS) pretrained=$(FAMILIES)
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp,mnist1d_mlp,mnist1d_mlp_deep,mnist5k_mlp H=4,8 \
-		$(SHIPPED_ARGS) pretrained=family_k8_h4_mix
+		$(SHIPPED_ARGS) pretrained=family_k8_h4_mix,family4_k8_h4_mix
 	$(MAKE) report
 
 # Heterogeneous clients (docs/clients.md): MNIST-1D over 64 clients with
