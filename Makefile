@@ -82,7 +82,7 @@ tune-extend: install ## sweep one step past each grid edge a tuned choice sits o
 # so γ=0.5 and 1.0 run beside it.
 RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
 SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false
-FAMILIES     := family_k8_h4,family_k8_h4_mix,family4_k8_h4_mix
+FAMILIES     := family_k8_h4,family_k8_h4_mix,family4_k8_h4_mix75
 COMMA := ,
 BASELINE_LIST := $(subst $(eval) ,$(COMMA),$(BASELINES))
 results: install ## benchmark tuned baselines and shipped aggregators, then `make report`

@@ -171,8 +171,15 @@ _SHOWN = 2  # names per cell; the rest are counted
 
 
 def _names(names: list[str]) -> str:
+    """Up to _SHOWN names, shipped ones first; a shipped aggregator's label (variant@name) whose file
+    is no longer in the package is marked, so that the README never points at something a user cannot run."""
+    from lagg_pipeline import pretrained
+
+    shipped = {f"{variant}@{name}" for variant, name in pretrained.available()}
+    retired = lambda n: bool(re.fullmatch(r"\w+@\w+", n)) and n not in shipped
+    names = sorted(names, key=retired)  # shipped ones first
     more = f" +{len(names) - _SHOWN}" if len(names) > _SHOWN else ""
-    return ", ".join(names[:_SHOWN]) + more
+    return ", ".join(f"{n} (not shipped)" if retired(n) else n for n in names[:_SHOWN]) + more
 
 
 def _best_count(criterion: str, verdicts: list[tuple]) -> str:

@@ -156,9 +156,10 @@ def test_beside_other_baselines_each_learned_method_is_also_judged_against_fedav
     assert line_of(page, "lagg_a@x").startswith("- **lagg_a@x** does not hold on the test split.")
     assert "0.32 vs fedadam's 0.25" in line_of(page, "lagg_a@x")
     table = results_page.headline(results_page.markdown([page], Path("rep")), "r.md").splitlines()
-    assert table[2].endswith("| none | **5/5** lagg_a@x | 0/5 lagg_a@x | 0/5 lagg_a@x | never |")
+    x = "lagg_a@x (not shipped)"  # a label of a shipped aggregator whose file the package lacks
+    assert table[2].endswith(f"| none | **5/5** {x} | 0/5 {x} | 0/5 {x} | never |")
     assert table[4] == "Against tuned FedAvg alone:" and len(table) == 9
-    assert table[8].endswith("| lagg_a@x | **5/5** lagg_a@x | **5/5** lagg_a@x | **5/5** lagg_a@x | 1× lagg_a@x |")
+    assert table[8].endswith(f"| {x} | **5/5** {x} | **5/5** {x} | **5/5** {x} | 1× {x} |")
 
 
 def test_fedavg_alone_is_not_judged_twice():
@@ -262,8 +263,9 @@ def test_report_job_writes_the_page_and_splices_the_readme(tmp_path):
     assert "OLD NUMBERS" not in content and content.endswith("tail\n") and "(rep/digits_mlp_K8_H4_R300.png)" in content
     assert (tmp_path / "rep" / "digits_mlp_K8_H4_R300.png").stat().st_size > 10_000
     assert results_page.headline(text, "results.md").splitlines()[2] == (
-        "| [digits_mlp, K=8, H=4](results.md#digits_mlp-k8-h4-300-rounds-2-seeds) | lagg_a@x | **5/5** lagg_a@x "
-        "| **5/5** lagg_a@x | **5/5** lagg_a@x | 1× lagg_a@x |")
+        "| [digits_mlp, K=8, H=4](results.md#digits_mlp-k8-h4-300-rounds-2-seeds) | lagg_a@x (not shipped) | **5/5** "
+        "lagg_a@x (not shipped) | **5/5** lagg_a@x (not shipped) | **5/5** lagg_a@x (not shipped) | 1× lagg_a@x (not "
+        "shipped) |")
 
 
 def test_the_headline_reads_each_criterion_from_the_verdict_lines():
@@ -280,6 +282,16 @@ def test_the_headline_reads_each_criterion_from_the_verdict_lines():
     (row,) = results_page.headline(page, "results.md").splitlines()[2:]
     assert row == ("| [mnist1d_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64)](results.md#mnist1d_mlp-k8-h4-clients-"
                    "dirichletalpha01-m64-1000-rounds-5-seeds) | b | **19/19** a | 17/19 a | **19/19** a | 1.5× b |")
+
+
+def test_the_headline_names_shipped_aggregators_first_and_marks_retired_ones():
+    line = ("- **{}** does not hold on the test split. (1) train loss below every baseline's at 4 of 5 evaluations; "
+            "(2) test accuracy within 0.5 points of the best baseline's at 5 of 5 evaluations; (3) ...\n")
+    row = lambda *names: results_page.headline("### digits_mlp, K=8, H=4: 300 rounds, 2 seeds\n\n" + "".join(
+        line.format(n) for n in names), "r.md").splitlines()[2]
+    assert "| 4/5 lagg_a@family_k8_h4, lagg_a@gone (not shipped) |" in row("lagg_a@gone", "lagg_a@family_k8_h4")
+    assert "| 4/5 lagg_a@family_k8_h4, lagg_a (meta-trained here) +1 |" in row(
+        "lagg_a@gone", "lagg_a@family_k8_h4", "lagg_a (meta-trained here)")
 
 
 @pytest.mark.parametrize("readme_text", [None, "no markers here\n"])
