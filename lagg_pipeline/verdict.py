@@ -135,13 +135,16 @@ def time_to_target(rows: list[Stats], rounds: np.ndarray) -> dict:
                                                                         lambda v: v <= train[best_train]) for s in rows})}
 
 
-def _target_text(what: str, target: tuple, row: Stats, baselines: list[Stats]) -> str:
+def _target_text(what: str, target: tuple, row: Stats, baselines: list[Stats], first: int = 1) -> str:
+    """'<rounds> rounds to <owner>'s final <what> (<ratio> the fastest baseline, ...)'; ``first``: the
+    earliest round it can be read at (a fastest baseline there leaves no finer ratio to measure)."""
     value, owner, reached = target
     fastest = min((s.name for s in baselines if reached[s.name]), key=lambda n: reached[n])
     mine = reached[row.name]
     ratio = f"{mine / reached[fastest]:.2g}× the fastest baseline" if mine else "never reached"
+    grid = ", the first evaluation" if reached[fastest] == first else ""
     return (f"{mine or '> ' + str(row.train.shape[1])} rounds to {owner}'s final {what} {value:.4g} ({ratio}, "
-            f"{fastest} at {reached[fastest]})")
+            f"{fastest} at {reached[fastest]}{grid})")
 
 
 def _check(label: str, ok: np.ndarray, mine: np.ndarray, best: np.ndarray, owner: list[str], rounds: np.ndarray,
@@ -192,7 +195,7 @@ def verdict_line(row: Stats, baselines: list[Stats], rounds: np.ndarray, judged:
                 "accuracy)." if row.diverged else "")
     return (f"- **{row.name}**{against} {'holds' if holds else 'does not hold'} on the test split.{diverged} "
             + "; ".join(checks) + "; (4) time to target: "
-            + _target_text("test accuracy", targets["accuracy"], row, baselines) + ", "
+            + _target_text("test accuracy", targets["accuracy"], row, baselines, first=int(rounds[0])) + ", "
             + _target_text("train loss", targets["train"], row, baselines) + "; " + gap_text + ".")
 
 

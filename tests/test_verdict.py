@@ -152,6 +152,8 @@ def test_beside_other_baselines_each_learned_method_is_also_judged_against_fedav
     assert "(2) test accuracy within 0.5 points of the best baseline's at 5 of 5 evaluations" in alone
     assert "(3) test loss within 10% of the best baseline's at 5 of 5 evaluations" in alone
     assert "rounds to fedavg's final test accuracy 0.9" in alone  # its own target: FedAvg's
+    # FedAvg has it at the first evaluation: no finer ratio can be read off the grid, and the line says so
+    assert "(1× the fastest baseline, fedavg at 50, the first evaluation)" in alone
     # the verdict against every baseline is unchanged, and is the one the headline reads
     assert line_of(page, "lagg_a@x").startswith("- **lagg_a@x** does not hold on the test split.")
     assert "0.32 vs fedadam's 0.25" in line_of(page, "lagg_a@x")
