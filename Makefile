@@ -90,11 +90,7 @@ results: install ## benchmark tuned baselines and shipped aggregators, then `mak
 		$(PY) -m lagg_pipeline --multirun optimizer=$(BASELINE_LIST) task=$$task H=4,8 $(RESULTS_ARGS) || exit 1; done
 	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist1d_mlp_deep H=4,8 $(RESULTS_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=fedavg task=mnist1d_mlp_deep H=8 local_learning_rate=0.5,1.0 $(RESULTS_ARGS)
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp $(SHIPPED_ARGS) \
-		pretrained=$(FAMILIES),digits_k8_h4_avg_ov1000
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp H=8 $(SHIPPED_ARGS) \
-		pretrained=$(FAMILIES),digits_k8_h8_avg_ov1000
-	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=mnist1d_mlp,mnist1d_mlp_deep,mnist5k_mlp H=4,8 \
+	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=digits_mlp,mnist1d_mlp,mnist1d_mlp_deep,mnist5k_mlp H=4,8 \
 		$(SHIPPED_ARGS) pretrained=$(FAMILIES)
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=digits_mlp,mnist1d_mlp,mnist1d_mlp_deep,mnist5k_mlp H=4,8 \
 		$(SHIPPED_ARGS) pretrained=family_k8_h4_mix,family4_k8_h4_mix

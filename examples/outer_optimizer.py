@@ -15,7 +15,7 @@ import lagg_pipeline
 from lagg_pipeline.outer import load
 
 K, H, B, ROUNDS = 8, 4, 64, 150
-_, info, _ = load("digits_k8_h4_avg_ov1000")  # LAgg-A, meta-trained for K=8 workers
+_, info, _ = load("family_k8_h4_mix")  # LAgg-A, meta-trained for K=8 workers
 assert info.num_grads == K
 LOCAL_LR = info.local_learning_rate  # the local step size it was meta-trained with
 
@@ -66,5 +66,5 @@ def train(outer, per_worker: bool, seed: int = 0):
 
 if __name__ == "__main__":
     diloco = train(optax.sgd(0.7, momentum=0.9, nesterov=True), per_worker=False)
-    learned = train(lagg_pipeline.outer_optimizer("digits_k8_h4_avg_ov1000"), per_worker=True)
+    learned = train(lagg_pipeline.outer_optimizer("family_k8_h4_mix"), per_worker=True)
     print(f"after {ROUNDS} rounds, loss on all digits: DiLoCo outer step {diloco:.4f}, shipped LAgg-A {learned:.4f}")

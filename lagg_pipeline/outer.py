@@ -1,6 +1,6 @@
 """A learned aggregator as an optax outer optimizer, for anyone's own local-SGD loop.
 
-``outer_optimizer("digits_k8_h4_avg_ov1000")`` returns an ``optax.GradientTransformation`` that does
+``outer_optimizer("family_k8_h4_mix")`` returns an ``optax.GradientTransformation`` that does
 exactly what the pipeline's server update does (Joseph et al., TMLR 2025, SPEC 3), so a
 DiLoCo-style loop can swap ``optax.sgd(0.7, momentum=0.9, nesterov=True)`` for it:
 

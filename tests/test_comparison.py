@@ -290,18 +290,19 @@ def test_shipped_table_lists_every_shipped_aggregator_with_its_settings():
     rows = results_page.shipped_table().splitlines()[2:]
     assert len(rows) == len(pretrained.available())
     assert all(row.count("|") == 13 for row in rows)
-    (row,) = [r for r in rows if "`digits_k8_h4_avg_ov1000`" in r]
-    assert "| digits_mlp | 8 | 4 | 0.5 | iid | outer_valid | averaging | 400 |" in row
-    assert "`python -m lagg_pipeline experiment=pretrain_digits_k8_h4_avg_ov1000 optimizer=lagg_a" in row
+    (row,) = [r for r in rows if "| lagg_a | `family_k8_h4_mix`" in r]
+    assert "| digits_mlp | 8 | 4 | 0.5 | iid | resplit + 0.5·train | averaging | 1200 |" in row
+    assert "`python -m lagg_pipeline experiment=pretrain_family_k8_h4_mix optimizer=lagg_a" in row
 
 
 def test_the_shipped_counterpart_is_the_recommended_one_else_one_trained_alike():
     from lagg_pipeline import pretrained
 
-    assert pretrained.matching("lagg_a", "digits_mlp", 8, 4, "outer_valid", "iid", "averaging") == \
-        "digits_k8_h4_avg_ov1000"
-    assert pretrained.matching("lagg_a", "digits_mlp", 8, 8, "outer_valid", "iid", "averaging") == \
-        "digits_k8_h8_avg_ov1000"
+    assert pretrained.matching("lagg_a", "digits_mlp", 8, 4, "resplit", "iid", "averaging") in \
+        {"family_k8_h4", "family_k8_h4_mix", "family4_k8_h4_mix75"}
+    assert pretrained.matching("lopt_a", "digits_mlp", 8, 4, "resplit", "iid", "averaging") in \
+        {"family_k8_h4_mix", "family4_k8_h4_mix"}
+    assert pretrained.matching("lagg_a", "digits_mlp", 8, 4, "outer_valid", "iid", "averaging") is None  # retired
     assert pretrained.matching("lagg_a", "digits_mlp", 8, 4, "train") is None  # none shipped
     assert pretrained.matching("lagg_a", "digits_mlp", 16, 4, "outer_valid", "iid", "averaging") is None
     for entry in pretrained.recommendations():  # every recommendation names a shipped file

@@ -58,7 +58,7 @@ CASES = [
     ["meta_tasks=[digits_mlp,nope]"], ["meta_tasks=[digits_mlp,digits_mlp]"],
     ["meta_tasks=[digits_mlp,mnist1d_mlp_small,mnist1d_mlp_deep]"],  # 8 particle pairs over 3 tasks
     ["meta_loss_split=resplit", "partition=dirichlet"],
-    ["meta_loss_split=test"], ["pretrained=nope"], ["optimizer=fedavg", "pretrained=digits_k8_h4_avg_ov1000"],
+    ["meta_loss_split=test"], ["pretrained=nope"], ["optimizer=fedavg", "pretrained=family_k8_h4_mix"],
     ["task.model=resnet"], ["task=mnist1d_mlp", "task.image_size=8"],
     # files: missing, garbage, wrong K, not a checkpoint, a pickle that would run a command
     ["mode=benchmark", "optimizer=lagg_a"], ["mode=benchmark", "optimizer=lagg_a", "checkpoint=missing.npz"],
@@ -66,21 +66,21 @@ CASES = [
     ["mode=benchmark", "optimizer=lagg_a", "checkpoint=notes.txt"],
     ["mode=benchmark", "optimizer=lagg_a", "checkpoint=k8.npz", "num_grads=16"],
     ["mode=benchmark", "optimizer=lopt_a", "checkpoint=k8.npz"],
-    ["optimizer=lagg_a", "checkpoint=k8.npz", "pretrained=digits_k8_h4_avg_ov1000"],
+    ["optimizer=lagg_a", "checkpoint=k8.npz", "pretrained=family_k8_h4_mix"],
     ["mode=import_legacy", "optimizer=lopt_a"], ["mode=import_legacy", "optimizer=lopt_a", "legacy_path=nope.pickle"],
     ["mode=import_legacy", "optimizer=lopt_a", "legacy_path=evil.pickle"],
     ["mode=import_legacy", "optimizer=fedavg", "legacy_path=evil.pickle"],
     ["mode=benchmark", "optimizer=fedavg", "resume=true"],
     # keys a job would accept and not use
-    ["mode=meta_train", "optimizer=lagg_a", "pretrained=digits_k8_h4_avg_ov1000"],
+    ["mode=meta_train", "optimizer=lagg_a", "pretrained=family_k8_h4_mix"],
     ["mode=meta_train", "optimizer=lagg_a", "checkpoint=k8.npz"],
-    ["mode=meta_train", "optimizer=lagg_a", "pretrained=digits_k8_h4_avg_ov1000", "distributed.enabled=true"],
+    ["mode=meta_train", "optimizer=lagg_a", "pretrained=family_k8_h4_mix", "distributed.enabled=true"],
     ["mode=meta_train", "optimizer=fedavg"],
     ["optimizer=fedavg", "mode=benchmark", "checkpoint=k8.npz"], ["optimizer=slowmo", "checkpoint=k8.npz"],
     ["optimizer=fedavg", "fedavg_local_learning_rate=0.3"],
-    ["optimizer=lagg_a", "pretrained=digits_k8_h4_avg_ov1000", "with_fedavg=false", "fedavg_local_learning_rate=0.3"],
+    ["optimizer=lagg_a", "pretrained=family_k8_h4_mix", "with_fedavg=false", "fedavg_local_learning_rate=0.3"],
     ["optimizer=lagg_a", "mode=meta_train", "fedavg_local_learning_rate=0.3"],
-    ["optimizer=lagg_a", "pretrained=digits_k8_h4_avg_ov1000", "fedavg_local_learning_rate=0"],
+    ["optimizer=lagg_a", "pretrained=family_k8_h4_mix", "fedavg_local_learning_rate=0"],
     # settings adopted from a saved aggregator that no run can use: its K=16 above the 10 clients
     ["optimizer=lagg_a", "checkpoint=k16.npz", "partition=dirichlet", "partition.num_clients=10"],
     # a tracking server that is not there

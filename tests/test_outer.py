@@ -32,11 +32,11 @@ def _same_updates(outer, server, params, deltas_K, pseudo):
 
 
 def test_shipped_lagg_a_reads_per_worker_pseudo_gradients():
-    meta_params, info, hidden = load("digits_k8_h4_avg_ov1000")
+    meta_params, info, hidden = load("family_k8_h4_mix")
     assert info.variant == "lagg_a" and info.num_grads == 8
     server = LearnedAggregator("lagg_a", 8, hidden).server_update(meta_params)
     params, deltas_K = _toy(jax.random.PRNGKey(0), 8)
-    _same_updates(lagg_pipeline.outer_optimizer("digits_k8_h4_avg_ov1000"), server, params, deltas_K,
+    _same_updates(lagg_pipeline.outer_optimizer("family_k8_h4_mix"), server, params, deltas_K,
                   lambda d: jax.tree.map(jnp.negative, d))
 
 
@@ -58,7 +58,7 @@ def test_outer_optimizer_refuses_what_it_cannot_do():
         outer_optimizer("nope")
     with pytest.raises(ValueError, match="exactly one"):
         outer_optimizer()
-    outer = outer_optimizer("digits_k8_h4_avg_ov1000")
+    outer = outer_optimizer("family_k8_h4_mix")
     params, deltas_K = _toy(jax.random.PRNGKey(2), 8)
     with pytest.raises(ValueError, match="needs params"):
         outer.update(deltas_K, outer.init(params))
