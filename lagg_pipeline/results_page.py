@@ -220,8 +220,9 @@ def headline(results: str, link: str) -> str:
         title = section.splitlines()[0]
         anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
         label = title.split(":")[0] if "clients:" not in title else ":".join(title.split(":")[:2])
+        found = _VERDICT.findall(section)
         for against, rows in tables.items():
-            verdicts = [v for v in _VERDICT.findall(section) if v[1] == against]
+            verdicts = [v for v in found if v[1] == against]
             if verdicts:
                 holds = _names([name for name, _, verdict, _ in verdicts if verdict == "holds"]) or "none"
                 cells = [holds, *(_best_count(c, verdicts) for c in _CRITERIA), _best_time(verdicts)]

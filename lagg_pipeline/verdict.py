@@ -81,7 +81,8 @@ def trailing_mean(curve: np.ndarray) -> np.ndarray:
     windows = np.lib.stride_tricks.sliding_window_view(np.concatenate([np.zeros(pad), curve]), TRAIN_TAIL)
     counts = np.minimum(np.arange(1, len(curve) + 1), TRAIN_TAIL)
     finite = np.isfinite(windows).all(axis=1)
-    return np.where(finite, np.where(finite[:, None], windows, 0.0).sum(axis=1) / counts, np.inf)
+    with np.errstate(invalid="ignore"):  # inf - inf and NaN windows are replaced just below
+        return np.where(finite, windows.sum(axis=1) / counts, np.inf)
 
 
 def stats(c: Curves, rounds: np.ndarray) -> Stats:
