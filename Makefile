@@ -46,13 +46,13 @@ bench: install ## the speed yardstick: rounds, PES steps, compile, memory, % of 
 	$(PY) -m lagg_pipeline.bench $(ARGS)
 
 bench-scaling: install ## PES step and round time against K, H, B, parameters: table, log-log plot, exponents (docs/performance)
-	$(PY) -m lagg_pipeline.bench_scaling --out docs/performance --mlflow $(ARGS)
+	$(PY) -m lagg_pipeline.bench.scaling --out docs/performance --mlflow $(ARGS)
 
 bench-xla: install ## XLA's CPU options measured in alternating processes: round, PES step, compile (docs/performance)
-	$(PY) -m lagg_pipeline.bench_xla --readme docs/performance.md $(ARGS)
+	$(PY) -m lagg_pipeline.bench.xla --readme docs/performance.md $(ARGS)
 
 bench-profile: install ## per-op profile of the digits and MNIST-1D PES steps (outputs/bench_profile)
-	$(PY) -m lagg_pipeline.bench_profile outputs/bench_profile $(ARGS)
+	$(PY) -m lagg_pipeline.bench.profile outputs/bench_profile $(ARGS)
 
 # Baselines tuned on the outer-valid loss (never the test split), per task and H; then the
 # best grid points are written to conf/tuned_hparams/<task>/<optimizer>.yaml.

@@ -12,7 +12,6 @@ the part of that file between the Results markers, so no number there is typed b
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -205,12 +204,3 @@ def splice_readme(readme: Path, text: str, begin: str = BEGIN, end: str = END) -
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
-
-def write_outputs(text: str, numbers: dict, command: str, readme, json_path, begin: str, end: str) -> None:
-    """A bench command's outputs: ``text`` spliced between ``readme``'s markers (as ``$ command``
-    output) and ``numbers`` dumped to ``json_path``; each only when given."""
-    if readme:
-        splice_readme(Path(readme), f"```\n$ {command}\n{text}\n```", begin, end)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(numbers, f, indent=2)

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from lagg_pipeline import bench, bench_profile
+from lagg_pipeline.bench import profile as bench_profile
+from lagg_pipeline.bench import yardstick as bench
 
 
 def test_flop_counts_by_hand():
@@ -84,7 +85,7 @@ def test_profile_kinds_sources_and_self_times():
 
 
 def test_exponent_fits_are_exact_on_power_laws():
-    from lagg_pipeline import bench_scaling
+    from lagg_pipeline.bench import scaling as bench_scaling
 
     x = [8, 16, 32]
     assert abs(bench_scaling.fit_exponent(x, [3e-3 * v ** 1.5 for v in x]) - 1.5) < 1e-9
@@ -93,7 +94,7 @@ def test_exponent_fits_are_exact_on_power_laws():
 
 @pytest.mark.slow  # three PES compiles: ~2.5 min on the shared 2-core machine
 def test_quick_scaling_sweep_table_plot_and_mlflow(tmp_path):
-    from lagg_pipeline import bench_scaling
+    from lagg_pipeline.bench import scaling as bench_scaling
 
     # two axes keep it to three compiled PES steps
     result = bench_scaling.main(["--quick", "--axes", "K,hidden", "--rounds", "2", "--repeats", "1",

@@ -82,6 +82,27 @@ def test_no_module_exceeds_the_size_limit():
     assert not {p: n for p, n in sizes.items() if n > MAX_LINES}
 
 
+# Packages that read one way: each imports only itself and the core modules below it.
+CORE = ("lagg_pipeline.errors", "lagg_pipeline.markers", "lagg_pipeline.config", "lagg_pipeline.tracking",
+        "lagg_pipeline.data", "lagg_pipeline.aggregators", "lagg_pipeline.tasks", "lagg_pipeline.simulator",
+        "lagg_pipeline.benchmark", "lagg_pipeline.xla_cache", "lagg_pipeline.xla_flags")
+SELF_CONTAINED = {"lagg_pipeline.bench": CORE + ("lagg_pipeline.meta",)}
+
+
+@pytest.mark.parametrize("package", sorted(SELF_CONTAINED))
+def test_self_contained_packages_import_only_core_modules(package):
+    assert (PACKAGE / package.split(".")[-1] / "__init__.py").is_file()
+    allowed = (package,) + SELF_CONTAINED[package]
+    offenders = {(name, target) for name, targets in imports().items() if within(name, (package,))
+                 for target in targets if not within(target, allowed)}
+    assert not offenders
+
+
+def within(module: str, packages: tuple[str, ...]) -> bool:
+    """Whether ``module`` is one of ``packages`` or inside one (lagg_pipeline.benchmark is not in .bench)."""
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
 def test_every_mode_has_its_own_job_module():
     from lagg_pipeline.config import MODES
 

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from lagg_pipeline import bench_xla, xla_flags
+from lagg_pipeline import xla_flags
+from lagg_pipeline.bench import xla as bench_xla
 
 
 def test_merged_keeps_the_users_flags_and_adds_the_rest():
@@ -32,16 +33,37 @@ def test_apply_only_on_cpu_and_unless_turned_off(environ, applied):
     assert ("--xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")) is applied
 
 
-def test_a_fresh_process_starts_jax_with_the_defaults():
-    """Importing the package is enough: one CPU device per core, and a user's flag wins."""
-    code = "import lagg_pipeline, jax, os; print(jax.device_count(), os.environ['XLA_FLAGS'])"
+def _clean_env():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OFF_ENV)}
     env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def test_importing_the_package_leaves_xla_flags_alone():
+    """A user who imports the package for outer_optimizer keeps their own environment."""
+    code = "import os, lagg_pipeline, lagg_pipeline.outer, jax; print(jax.device_count(), os.environ.get('XLA_FLAGS'))"
+    out = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["1", "None"]
+
+
+def test_the_command_line_entry_starts_jax_with_the_defaults():
+    """``python -m lagg_pipeline`` sets them first: one CPU device per core, and a user's flag wins."""
+    code = "import lagg_pipeline.__main__, jax, os; print(jax.device_count(), os.environ['XLA_FLAGS'])"
+    env = _clean_env()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == str(xla_flags.host_cores())
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "3" and "--xla_backend_optimization_level=1" in out
+
+
+def test_after_jax_started_it_says_so_once_and_changes_nothing():
+    code = ("import os, jax; jax.numpy.zeros(1).block_until_ready(); from lagg_pipeline import xla_flags; "
+            "print(xla_flags.apply(), xla_flags.apply(), os.environ.get('XLA_FLAGS'))")
+    result = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False", "None"]
+    assert result.stderr.count("JAX started before its XLA CPU options could be set") == 1
 
 
 def test_variants_and_table():

@@ -155,7 +155,7 @@ def summarise(instructions: dict, times_us: dict, steps: int) -> dict:
 
 def profile_pes_step(name: str, out_dir: Path, steps: int = 1) -> dict:
     """Trace ``steps`` compiled PES outer steps of task ``name`` into ``out_dir``; their summary."""
-    from lagg_pipeline import bench
+    from lagg_pipeline.bench import yardstick as bench
 
     task, splits = bench.load_task(name)
     trainer = bench.pes_trainer(task, splits.train)
@@ -200,9 +200,9 @@ def profile_tasks(names: list[str], out_dir: str) -> dict:
 def main(argv=None) -> dict:
     import argparse
 
-    from lagg_pipeline.bench import TASKS
+    from lagg_pipeline.bench.yardstick import TASKS
 
-    parser = argparse.ArgumentParser(prog="python -m lagg_pipeline.bench_profile",
+    parser = argparse.ArgumentParser(prog="python -m lagg_pipeline.bench.profile",
                                      description="Per-op profile of one PES outer step per task.")
     parser.add_argument("out_dir", help="where the traces and profile.json go")
     parser.add_argument("--tasks", default="digits_mlp,mnist1d_mlp", help="comma-separated subset of " + ", ".join(TASKS))

@@ -12,8 +12,8 @@ pipeline used to do it) to show what passing data as arguments saves. Compile ti
 (an empty persistent cache); the PES step is compiled a second time to show what a later job
 pays with XLA's persistent cache (lagg_pipeline/xla_cache.py).
 
-The per-op profile of the PES steps is lagg_pipeline/bench_profile.py (``make bench-profile``);
-the scaling sweep against K, H, B and model size is lagg_pipeline/bench_scaling.py.
+The per-op profile of the PES steps is bench/profile.py (``make bench-profile``); the scaling
+sweep against K, H, B and model size is bench/scaling.py.
 """
 from __future__ import annotations
 
@@ -262,7 +262,7 @@ def log_to_mlflow(numbers: dict, run_name: str, experiment: str = "bench", artif
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lagg_pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--rounds", type=int, default=100, help="rounds per timed scan")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each round scan (median)")
@@ -281,13 +281,10 @@ def main(argv=None) -> dict:
         numbers.update({f"{name}.{k}": v for k, v in measure(name, args, gflops).items()})
     table = format_table(numbers)
     print(table)
-    from lagg_pipeline.comparison import write_outputs
+    from lagg_pipeline.bench.outputs import write_outputs
 
     write_outputs(table, numbers, "make bench", args.readme, args.json, BENCH_BEGIN, BENCH_END)
     if args.mlflow:
         log_to_mlflow(numbers, "make bench")
     return numbers
 
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lagg_pipeline import bench
+from lagg_pipeline.bench import yardstick as bench
 
 TASK = "digits_mlp"
 BASE = {"K": 8, "H": 4, "B": 128, "hidden": 32}

@@ -32,7 +32,7 @@ def _measure_here(task_name: str, outer_steps: int, rounds: int, repeats: int) -
     """This process's numbers (run inside the child)."""
     import jax
 
-    from lagg_pipeline import bench
+    from lagg_pipeline.bench import yardstick as bench
     from lagg_pipeline.aggregators import hand
 
     task, splits = bench.load_task(task_name)
@@ -46,7 +46,7 @@ def _measure_here(task_name: str, outer_steps: int, rounds: int, repeats: int) -
 def measure(task_name: str, flags: str, outer_steps: int, rounds: int, repeats: int) -> dict:
     """One variant's numbers from a fresh process with ``XLA_FLAGS=flags`` and no package defaults."""
     env = {**os.environ, "XLA_FLAGS": flags, xla_flags.OFF_ENV: "0"}
-    code = (f"import json; from lagg_pipeline.bench_xla import _measure_here; "
+    code = (f"import json; from lagg_pipeline.bench.xla import _measure_here; "
             f"print('RESULT', json.dumps(_measure_here({task_name!r}, {outer_steps}, {rounds}, {repeats})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[len("RESULT "):])
@@ -91,14 +91,14 @@ def main(argv=None) -> dict:
     if args.readme:  # a bad file fails now, not after the measurements
         from pathlib import Path
 
-        from lagg_pipeline.comparison import check_markers
+        from lagg_pipeline.markers import check_markers
 
         check_markers(Path(args.readme), BEGIN, END)
     cores = xla_flags.host_cores()
     result = compare(args.tasks.split(","), args.passes, args.outer_steps, args.rounds, args.repeats, cores)
     text = table(result, cores)
     print(text)
-    from lagg_pipeline.comparison import write_outputs
+    from lagg_pipeline.bench.outputs import write_outputs
 
     write_outputs(text, result, "make bench-xla", args.readme, args.json, BEGIN, END)
     return result

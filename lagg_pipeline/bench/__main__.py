@@ -1,0 +1,3 @@
+from lagg_pipeline.bench.yardstick import main
+
+main()
