@@ -5,10 +5,6 @@ Reproduces "Meta-learning Optimizers for Communication-Efficient Learning"
 hand-designed ones, every run recorded in MLflow.
 """
 
-from lagg_pipeline import xla_flags
-
-xla_flags.apply()  # before JAX's backend starts: it reads XLA_FLAGS once
-
 __version__ = "0.1.0"
 
 

@@ -1,9 +1,10 @@
 """XLA's CPU options, measured on this project's own computations (docs/performance.md).
 
-Applied when the package is imported, so before JAX starts its backend (JAX reads
-``XLA_FLAGS`` once, at its first computation). On CPU-only installs only: both options
-concern the host. A flag already in ``XLA_FLAGS`` wins, and ``LAGG_XLA_DEFAULTS=0`` turns
-the defaults off.
+Applied by the command-line entry points (``python -m lagg_pipeline``, the ``make bench*``
+modules) before JAX starts its backend (JAX reads ``XLA_FLAGS`` once, at its first
+computation); importing the package leaves ``os.environ`` alone, so a user's own program
+keeps its own flags. On CPU-only installs only: both options concern the host. A flag already
+in ``XLA_FLAGS`` wins, and ``LAGG_XLA_DEFAULTS=0`` turns the defaults off.
 
 - ``--xla_backend_optimization_level=1``: LLVM's lighter pipeline for XLA's generated
   kernels (fusions; matmuls run library code either way). The PES step is hundreds of
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import sys
 
 OFF_ENV = "LAGG_XLA_DEFAULTS"
 
@@ -47,11 +49,35 @@ def merged(existing: str, defaults: dict[str, str]) -> str:
     return " ".join([existing.strip(), *added]).strip()
 
 
-def apply(environ=os.environ) -> None:
-    """Add the CPU defaults to ``environ["XLA_FLAGS"]`` unless turned off or on an accelerator."""
+_warned = False
+
+
+def _jax_started() -> bool:
+    """Whether this process's JAX has already built its backends (and so read XLA_FLAGS)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def apply(environ=os.environ) -> bool:
+    """Add the CPU defaults to ``environ["XLA_FLAGS"]`` unless turned off or on an accelerator;
+    whether they take effect. When JAX already started, say so once (on stderr) and change nothing."""
+    global _warned
     if environ.get(OFF_ENV, "1") == "0":
-        return
+        return False
     platforms = environ.get("JAX_PLATFORMS", "")
     if platforms not in ("", "cpu") or (not platforms and _accelerator_plugin_installed()):
-        return
-    environ["XLA_FLAGS"] = merged(environ.get("XLA_FLAGS", ""), cpu_defaults(host_cores()))
+        return False
+    flags = merged(environ.get("XLA_FLAGS", ""), cpu_defaults(host_cores()))
+    if flags == environ.get("XLA_FLAGS", ""):
+        return True
+    if environ is os.environ and _jax_started():
+        if not _warned:
+            _warned = True
+            print(f"lagg_pipeline: JAX started before its XLA CPU options could be set; to use them, set "
+                  f"XLA_FLAGS='{flags}' before the first JAX computation (docs/performance.md)", file=sys.stderr)
+        return False
+    environ["XLA_FLAGS"] = flags
+    return True

@@ -1,6 +1,10 @@
 """Shared test set-up: scratch working directories, a private TFDS data dir and XLA cache."""
 import pytest
 
+from lagg_pipeline import xla_flags
+
+xla_flags.apply()  # the tests run JAX as the command line does (one CPU device per core)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _tfds_data_dir(tmp_path_factory):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import jax
 
+from lagg_pipeline import xla_flags
+
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.-]+) = (?P<type>.+?) (?P<opcode>[a-z][a-z0-9-]*)\(")
 _COMPUTATION = re.compile(r"^%(?P<name>[\w.-]+) .*\{$")
 _CALLS = re.compile(r"calls=%([\w.-]+)")
@@ -198,6 +200,7 @@ def profile_tasks(names: list[str], out_dir: str) -> dict:
 
 
 def main(argv=None) -> dict:
+    xla_flags.apply()  # a command-line entry point: set before JAX starts its backend
     import argparse
 
     from lagg_pipeline.bench.yardstick import TASKS

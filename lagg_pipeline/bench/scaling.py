@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lagg_pipeline import xla_flags
 from lagg_pipeline.bench import yardstick as bench
 
 TASK = "digits_mlp"
@@ -120,6 +121,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
+    xla_flags.apply()  # a command-line entry point: set before JAX starts its backend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/bench_scaling", help="folder for scaling.md, .png, .json")
     parser.add_argument("--quick", action="store_true", help="a tiny grid and PES (1 pair x 2 rounds), for tests")

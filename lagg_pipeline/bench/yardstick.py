@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 
-from lagg_pipeline import xla_cache
+from lagg_pipeline import xla_cache, xla_flags
 from lagg_pipeline.aggregators import hand
 from lagg_pipeline.benchmark import init_round_states
 from lagg_pipeline.data import load_splits
@@ -262,6 +262,7 @@ def log_to_mlflow(numbers: dict, run_name: str, experiment: str = "bench", artif
 
 
 def main(argv=None) -> dict:
+    xla_flags.apply()  # a command-line entry point: set before JAX starts its backend
     parser = argparse.ArgumentParser(prog="python -m lagg_pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--rounds", type=int, default=100, help="rounds per timed scan")
