@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from lagg_pipeline import config as config_module
 from lagg_pipeline.config import CONFIG_PACKAGE, SHORTHANDS, Config, ConfigError, validate
+from lagg_pipeline.errors import UserError
 
 # MLflow's loggers then reach Hydra's: INFO into the run's log file, warnings to the terminal.
 os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
@@ -201,7 +202,6 @@ def _fail(message: str, code: int = 2):
 
 @hydra.main(config_path="pkg://lagg_pipeline.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg):
-    from lagg_pipeline.errors import UserError
     from lagg_pipeline.jobs import run_job
     from lagg_pipeline.meta.train import MetaTrainingDiverged, Preempted
 
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         base_cfg = preflight(overrides)
     except ConfigError as err:
         _fail(str(err))
+    except UserError as err:  # e.g. a dataset that is not prepared
+        _fail(str(err), 1)
     parent = None
     if {"-m", "--multirun"}.intersection(flags) and base_cfg.tracking.enabled:
         from lagg_pipeline.tracking import start_run

@@ -173,10 +173,13 @@ def test_second_load_reuses_prepared_files(digits, monkeypatch):
         np.testing.assert_array_equal(np.asarray(getattr(again, s).y), np.asarray(getattr(digits, s).y))
 
 
-def test_embedded_prepares_into_given_data_dir_without_network(tmp_path, monkeypatch):
+def test_embedded_prepares_into_given_data_dir_without_network(tmp_path, monkeypatch, capsys):
     attempts = _no_network(monkeypatch)
     splits = load_splits("digits", data_dir=str(tmp_path))
     assert attempts == []
+    out = capsys.readouterr().out
+    assert "preparing the embedded dataset digits" in out and "prepared digits in" in out
+    assert "download" not in out.replace("nothing is downloaded", "").lower()  # TFDS's "Downloading and preparing"
     assert any("array_record" in f for f in os.listdir(EMBEDDED_BUILDERS["digits"](data_dir=str(tmp_path)).data_path))
     assert len(splits.test.y) == 359
 

@@ -85,6 +85,9 @@ CASES = [
     ["optimizer=lagg_a", "checkpoint=k16.npz", "partition=dirichlet", "partition.num_clients=10"],
     # a tracking server that is not there
     ["optimizer=fedavg", "tracking.uri=http://127.0.0.1:9"],
+    # a public dataset that is not prepared (the tests' TFDS data dir holds only the embedded ones)
+    ["optimizer=lagg_a", "meta_tasks=[digits_mlp,image_mlp_fmst]"],
+    ["optimizer=fedavg", "task=image_mlp_fmst"],
 ]
 
 
@@ -103,3 +106,11 @@ def test_invalid_command_line_is_one_line_and_leaves_nothing(argv, files, capsys
     assert err.count("\n") == 1 and err.startswith("lagg_pipeline: error: ") and "Traceback" not in err, err
     assert not (files / "pwned").exists(), "the pickle ran its command"
     assert sorted(p.name for p in files.iterdir()) == before, "something was written"  # no outputs/, no files
+
+
+def test_a_family_member_without_its_data_is_named_before_anything_runs(files, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["optimizer=lagg_a", "meta_tasks=[digits_mlp,image_mlp_fmst]"])
+    assert exit_info.value.code == 1  # missing data, as when the job's own task lacks it
+    assert capsys.readouterr().err.startswith(
+        "lagg_pipeline: error: meta_tasks: image_mlp_fmst: dataset fashion_mnist is not prepared in ")

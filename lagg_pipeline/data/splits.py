@@ -7,6 +7,8 @@ float inputs (mnist1d's signals) are kept as they are.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from typing import NamedTuple
 
@@ -93,21 +95,40 @@ def _unavailable(name: str, data_dir: str, state: str = "not prepared") -> DataU
         f"is prepared")
 
 
-def _load_public(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _readable_public(name: str, data_dir: str):
+    """(builder, whether it is prepared as array_record) of a public dataset this install can read;
+    DataUnavailableError otherwise. Reads no examples."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     formats = _prepared_formats(builder)
     if any("array_record" in f for f in formats):
-        return {s: _read_array_record(builder, s) for s in ("train", "test")}
+        return builder, True
     if formats:  # prepared as tfrecord: only TensorFlow reads it
         try:
             import tensorflow  # noqa: F401
         except ImportError:
             raise _unavailable(name, data_dir, "prepared as tfrecord (readable only with TensorFlow)") from None
-        return {s: tuple(tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1, as_supervised=True)))
-                for s in ("train", "test")}
+        return builder, False
     raise _unavailable(name, data_dir)
+
+
+def _load_public(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    import tensorflow_datasets as tfds
+
+    builder, array_record = _readable_public(name, data_dir)
+    if array_record:
+        return {s: _read_array_record(builder, s) for s in ("train", "test")}
+    return {s: tuple(tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1, as_supervised=True)))
+            for s in ("train", "test")}
+
+
+def require_available(dataset: str, data_dir: str | None = None) -> None:
+    """Raise ``DataUnavailableError`` unless :func:`load_splits` can read ``dataset`` here (an
+    embedded one always can: it is prepared on first use). Cheap: no example is read."""
+    info = DATASETS[dataset]
+    if not info.embedded:
+        _readable_public(info.tfds_name, data_dir or default_data_dir())
 
 
 def _load_embedded(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -128,9 +149,12 @@ def _load_embedded(name: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.n
             print(f"preparing the embedded dataset {name} in {data_dir} (once; nothing is downloaded)")
             tfds.display_progress_bar(False)  # TFDS's nested per-shard bars would swamp the terminal
             try:
-                builder.download_and_prepare()
+                # TFDS prints "Downloading and preparing dataset ..." for any builder; a newcomer reads a download
+                with contextlib.redirect_stdout(io.StringIO()):
+                    builder.download_and_prepare()
             finally:
                 tfds.display_progress_bar(True)
+            print(f"prepared {name} in {builder.data_dir}")
     finally:
         absl_logger.setLevel(level)
     return {s: _read_array_record(builder, s) for s in ("train", "test")}

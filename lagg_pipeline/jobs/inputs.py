@@ -3,6 +3,7 @@ keys it would accept without using them; run by the command line before Hydra cr
 from __future__ import annotations
 
 from lagg_pipeline.config import LEARNED_OPTIMIZERS, ConfigError
+from lagg_pipeline.errors import UserError
 from lagg_pipeline.jobs.common import jax_tree
 from lagg_pipeline.jobs.saved import adopted_settings, read_saved
 
@@ -31,6 +32,25 @@ def refuse_unused_keys(cfg) -> None:
              + ("; for this optimizer use local_learning_rate" if not learned else ""))
 
 
+def check_data(cfg) -> None:
+    """Every dataset the job reads (its task's and, for a family, each member's) is readable here:
+    a public one that is not prepared stops the job before anything is written (UserError)."""
+    if cfg.mode in ("report", "select_tuned"):
+        return
+    from lagg_pipeline.data.splits import DataUnavailableError, require_available
+
+    datasets = {cfg.task.dataset: ""}
+    if cfg.meta_tasks:
+        from lagg_pipeline.meta.family import task_config
+
+        datasets.update({task_config(t).dataset: f"meta_tasks: {t}: " for t in cfg.meta_tasks if t != cfg.task.name})
+    for dataset, where in datasets.items():
+        try:
+            require_available(dataset, cfg.data_dir)
+        except DataUnavailableError as err:
+            raise UserError(f"{where}{err}") from None
+
+
 def check_inputs(cfg, given: set[str]) -> None:
     """Refuse, before Hydra creates anything, the inputs a job names that cannot work: a
     missing, garbled or incompatible saved aggregator (or one whose own K, H, gamma, B no run
@@ -39,6 +59,7 @@ def check_inputs(cfg, given: set[str]) -> None:
     import os
 
     refuse_unused_keys(cfg)
+    check_data(cfg)
     name = cfg.optimizer.name
     if cfg.mode == "import_legacy":
         from lagg_pipeline.legacy import LegacyFormatError, read_legacy
