@@ -219,3 +219,15 @@ def test_non_finite_meta_parameters_stop_before_the_bad_state_is_saved(tmp_path)
     with pytest.raises(MetaTrainingDiverged, match="non-finite at outer step 3; the last good checkpoint is .*ckpt_00000002"):
         run_meta_training(trainer, manager, NullRun(), metadata={}, progress=False)
     assert manager.latest_step() == 2
+
+
+def test_a_family_stops_when_one_task_fully_diverged_and_names_it(tmp_path):
+    """The family's mean (0.5 here) would let it run on with one task's estimate pure noise."""
+    from lagg_pipeline.meta.train import MetaTrainingDiverged, _check_health
+
+    metrics = {"meta_params_finite": True, "diverged_fraction": 0.5, "diverged_fraction/digits_mlp": 0.0,
+               "diverged_fraction/mnist1d_mlp_small": 1.0}
+    with pytest.raises(MetaTrainingDiverged, match="every particle of meta task mnist1d_mlp_small diverged at "
+                                                   "outer step 7 .the family's other tasks did not"):
+        _check_health(dict(metrics), 7, CheckpointManager(tmp_path))
+    _check_health({**metrics, "diverged_fraction/mnist1d_mlp_small": 0.75}, 7, CheckpointManager(tmp_path))

@@ -120,6 +120,13 @@ def _check_health(metrics: dict, outer_step: int, checkpoints: CheckpointManager
     if metrics["diverged_fraction"] == 1.0:
         raise MetaTrainingDiverged(f"every particle's inner training diverged at outer step {outer_step}; {keep}; "
                                    f"lower local_learning_rate")
+    # A family's mean hides one task whose particles all diverged: its estimate is noise from then on.
+    tasks = [key.split("/", 1)[1] for key, value in metrics.items()
+             if key.startswith("diverged_fraction/") and value == 1.0]
+    if tasks:
+        raise MetaTrainingDiverged(f"every particle of meta task {', '.join(tasks)} diverged at outer step {outer_step} "
+                                   f"(the family's other tasks did not); {keep}; lower local_learning_rate, or "
+                                   f"meta-train without {', '.join(tasks)}")
 
 
 def run_meta_training(trainer: MetaTrainer, checkpoints: CheckpointManager, run, *, metadata: dict,
