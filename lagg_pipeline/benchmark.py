@@ -25,6 +25,7 @@ class BenchmarkResult(NamedTuple):
     test_loss: np.ndarray  # [S, E]
     test_accuracy: np.ndarray  # [S, E]
     outer_valid_loss: np.ndarray  # [S, E]
+    outer_valid_accuracy: np.ndarray  # [S, E]: the split baselines are tuned and aggregators chosen on
     seconds_per_round: float  # wall time of one round of all seeds, after compilation
     compile_seconds: float
 
@@ -33,7 +34,8 @@ def _evaluate(task, params, test, outer_valid):
     test_loss = task.loss(params, test.x, test.y)
     test_accuracy = task.accuracy(params, test.x, test.y)
     outer_valid_loss = task.loss(params, outer_valid.x, outer_valid.y)
-    return test_loss, test_accuracy, outer_valid_loss
+    outer_valid_accuracy = task.accuracy(params, outer_valid.x, outer_valid.y)
+    return test_loss, test_accuracy, outer_valid_loss, outer_valid_accuracy
 
 
 def init_round_states(task, server_update, seed: int, num_runs: int, train) -> RoundState:
@@ -87,8 +89,8 @@ def run_benchmark(task, splits, server_update, *, name: str, num_grads: int, num
             bar.set_postfix(train_loss=f"{losses[-1][:, -1].mean():.4f}", refresh=False)
             bar.update(n)
 
-    test_loss, test_accuracy, outer_valid_loss = (np.stack([np.asarray(e[i]) for e in evals], axis=1)
-                                                  for i in range(3))
+    test_loss, test_accuracy, outer_valid_loss, outer_valid_accuracy = (
+        np.stack([np.asarray(e[i]) for e in evals], axis=1) for i in range(4))
     return BenchmarkResult(
         name=name,
         train_loss=np.concatenate(losses, axis=1),
@@ -96,6 +98,7 @@ def run_benchmark(task, splits, server_update, *, name: str, num_grads: int, num
         test_loss=test_loss,
         test_accuracy=test_accuracy,
         outer_valid_loss=outer_valid_loss,
+        outer_valid_accuracy=outer_valid_accuracy,
         seconds_per_round=run_seconds / num_rounds,
         compile_seconds=compile_seconds,
     )

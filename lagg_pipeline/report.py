@@ -23,7 +23,8 @@ def _per_seed(result: BenchmarkResult) -> dict[str, np.ndarray]:
     values["train_loss_mean"] = train.mean(axis=1)
     values[f"train_loss_last{TRAIN_TAIL}"] = train[:, -min(TRAIN_TAIL, rounds):].mean(axis=1)
     values.update(test_loss=result.test_loss[:, -1], test_accuracy=result.test_accuracy[:, -1],
-                  outer_valid_loss=result.outer_valid_loss[:, -1])
+                  outer_valid_loss=result.outer_valid_loss[:, -1],
+                  outer_valid_accuracy=result.outer_valid_accuracy[:, -1])
     return values
 
 

@@ -6,9 +6,10 @@ selects again.
 
 A grid recipe (``conf/hparams_search/<optimizer>.yaml``) sweeps a method's keys into the
 MLflow experiment ``tuning``. :func:`select` picks, per (task, optimizer, H, K, clients), the grid
-point with the lowest outer-valid loss at the last round (mean over seeds; the test split
-is never read), among the points run at the newest budget (rounds, seeds, batch size; a point
-run twice counts once, its newest run) and writes it with the sweep that chose it to
+point with the lowest outer-valid loss along the judged part of the curve (``CRITERION``; the
+test split is never read) among the points where no seed diverged, run at the newest budget
+(rounds, seeds, batch size; a point run twice counts once, its newest run) and writes it with
+the sweep that chose it to
 ``conf/tuned_hparams/<task>/<optimizer>.yaml``. Jobs then apply those values (``tuned=true``, the
 default) unless the command line sets the key. A job over clients (partition=dirichlet, ...)
 uses the values tuned over those same clients when a grid ran there, else the i.i.d. ones.
@@ -19,12 +20,19 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from lagg_pipeline.data.partition import partition_label, partition_slug
 
 TUNED_ROOT = "tuned_hparams"  # under the config package (not "tuned": that is a config key)
-SELECTION_METRIC = "final_outer_valid_loss"
+SELECTION_METRIC = "selection_outer_valid_loss"
+DIVERGED_SEEDS = "diverged_seeds"
+SELECTION_FROM_ROUND = 100  # the verdict's window: a setting must be good along the curve, not at one round
+DIVERGENCE_FACTOR = 10.0  # a loss this many times the first round's has blown up, even if it comes back
+CRITERION = (f"the mean over evaluations from round {SELECTION_FROM_ROUND} of the seed-mean outer-valid loss, "
+             f"among grid points where no seed diverged (a train or outer-valid loss that is non-finite or above "
+             f"{DIVERGENCE_FACTOR:g}x the seed's first-round train loss at any round)")
 MOMENTA = ("optimizer.momentum", "beta")  # in [0, 1): 0 ends the method's range, not the grid's
 
 
@@ -85,6 +93,22 @@ def apply(cfg, given: set[str], root: Path | None = None):
     return cfg, values, entry["partition"]
 
 
+def diverged_seeds(result) -> int:
+    """Seeds whose train or outer-valid loss is ever non-finite or above DIVERGENCE_FACTOR x the
+    seed's first-round train loss (a finite 1e16 spike that recovers still diverged)."""
+    limit_S = DIVERGENCE_FACTOR * result.train_loss[:, :1]
+    bad = lambda loss: ~(np.isfinite(loss) & (loss <= limit_S)).all(axis=1)
+    return int((bad(result.train_loss) | bad(result.outer_valid_loss)).sum())
+
+
+def selection_score(result) -> float:
+    """The mean over evaluations from round SELECTION_FROM_ROUND (a run shorter than that: from its
+    first evaluation after round 0) of the seed-mean outer-valid loss; non-finite if a seed diverged."""
+    rounds = result.eval_rounds
+    judged = rounds >= min(SELECTION_FROM_ROUND, rounds[rounds > 0].min())
+    return float(result.outer_valid_loss[:, judged].mean())
+
+
 def budget(run) -> tuple[int, int, int]:
     """(rounds, seeds, batch size) a grid point ran with: points compare only within one budget."""
     params = run.data.params
@@ -130,7 +154,7 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
             continue
         points = grid_points(members, keys)
         scored = [(r.data.metrics[SELECTION_METRIC], point, r) for point, r in points.items()
-                  if SELECTION_METRIC in r.data.metrics]
+                  if SELECTION_METRIC in r.data.metrics and r.data.metrics.get(DIVERGED_SEEDS, 0) == 0]
         if not scored:
             continue
         score, best_point, best = min(scored, key=lambda item: item[0])
@@ -146,7 +170,7 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
                  if key in best.data.params and _typed(best.data.params[key]) != recipe[key]]
         extra += partition_overrides(best.data.params) if partition != "iid" else []
         rounds, seeds, batch = budget(best)
-        entry = {"values": values, "outer_valid_loss": float(score), "grid_points": len(points),
+        entry = {"values": values, "outer_valid_loss": float(score), "criterion": CRITERION, "grid_points": len(points),
                  "diverged_points": len(points) - len(scored), "grid": tried, "on_grid_edge": edges,
                  "extend": [extension(optimizer, task, h, k, values, key, beyond[key], extra) for key in edges],
                  "seeds": seeds, "rounds": rounds, "batch": batch,
@@ -164,8 +188,8 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
         existing = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
         path.parent.mkdir(parents=True, exist_ok=True)
         header = (f"# Tuned {path.stem} on {path.parent.name}: per H and K, the grid point of\n"
-                  f"# conf/hparams_search/{path.stem}.yaml with the lowest outer-valid loss at the last round\n"
-                  f"# (mean over seeds; the test split is never read), written by `python -m lagg_pipeline\n"
+                  f"# conf/hparams_search/{path.stem}.yaml with the lowest outer-valid loss (`criterion`;\n"
+                  f"# the test split is never read), written by `python -m lagg_pipeline\n"
                   f"# mode=select_tuned`. Applied when tuned=true (the default) unless the command line sets\n"
                   f"# the key. `sweep` is the command that produced the grid; `extend` the overrides of the\n"
                   f"# sweeps one step past a grid edge the choice sits on (`make tune-extend` runs them).\n")

@@ -30,6 +30,7 @@ def test_shapes_and_eval_rounds_with_a_remainder_chunk(digits):
     assert result.train_loss.shape == (2, 25)
     np.testing.assert_array_equal(result.eval_rounds, [0, 10, 20, 25])
     assert result.test_accuracy.shape == (2, 4) and result.outer_valid_loss.shape == (2, 4)
+    assert result.outer_valid_accuracy.shape == (2, 4) and np.all(result.outer_valid_accuracy[:, -1] > 0.8)
     # At init, predictions are near uniform; training then improves both splits.
     assert np.all(np.abs(result.test_loss[:, 0] - np.log(10)) < 0.3)
     assert np.all(result.test_loss[:, -1] < result.test_loss[:, 0] - 1.0)
@@ -61,7 +62,7 @@ def test_summary_table_and_plot(digits, tmp_path):
     assert lines[1].split() == ["metric", "fedavg", "sgd"]
     rows = {line.split()[0]: line for line in lines[3:]}
     assert list(rows) == ["train_loss_r10", "train_loss_mean", "train_loss_last10", "test_loss", "test_accuracy",
-                          "outer_valid_loss", "seconds/round"]
+                          "outer_valid_loss", "outer_valid_accuracy", "seconds/round"]
     assert rows["train_loss_mean"].count("±") == 2
     path = plot_curves(results, tmp_path / "curves.png")
     assert path.stat().st_size > 10_000
@@ -71,7 +72,7 @@ def _result(train_loss_SxR, name="x"):
     S = train_loss_SxR.shape[0]
     evals = np.arange(2 * S, dtype=float).reshape(S, 2)
     return BenchmarkResult(name, train_loss_SxR, np.array([0, train_loss_SxR.shape[1]]), evals, evals / 10,
-                           evals + 1, 1e-3, 1.0)
+                           evals + 1, evals / 20, 1e-3, 1.0)
 
 
 def test_summary_reads_the_whole_curve():
@@ -86,6 +87,7 @@ def test_summary_reads_the_whole_curve():
     np.testing.assert_allclose(s["train_loss_mean"][0], np.mean(1.1 / np.sqrt(rounds)))
     np.testing.assert_allclose(s["train_loss_last10"][0], np.mean(1.1 / np.sqrt(rounds[-10:])))
     assert s["test_loss"] == (2.0, 1.0) and s["outer_valid_loss"] == (3.0, 1.0)  # last evaluation, per seed
+    np.testing.assert_allclose(s["outer_valid_accuracy"], (0.1, 0.05))
 
 
 def test_diverged_runs_are_named_not_dropped(tmp_path):

@@ -20,7 +20,7 @@ def fake_result(name, train_SxR, ov_SxE=None, acc_SxE=None):
     eval_rounds = np.array([0, R // 2, R])
     ov = np.full((S, 3), 0.5) if ov_SxE is None else ov_SxE
     acc = np.full((S, 3), 0.9) if acc_SxE is None else acc_SxE
-    return BenchmarkResult(name, train_SxR, eval_rounds, ov + 0.01, acc, ov, 1e-3, 0.5)
+    return BenchmarkResult(name, train_SxR, eval_rounds, ov + 0.01, acc, ov, acc, 1e-3, 0.5)
 
 
 def log_run(experiment, name, result, *, optimizer=None, task="digits_mlp", H=4, seed=0, params=None,
@@ -63,7 +63,7 @@ def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
     assert sorted(entries) == ["H4_K8", "H4_K8_dirichlet_alpha0.1_M64"]
     skewed = entries["H4_K8_dirichlet_alpha0.1_M64"]
     assert skewed["values"] == {"local_learning_rate": 3.0} and skewed["clients"] == "dirichlet(alpha=0.1, M=64)"
-    assert skewed["extend"] == ["hparams_search=fedavg task=digits_mlp H=4 k=8 local_learning_rate=9.0 num_rounds=30 "
+    assert skewed["extend"] == ["hparams_search=fedavg task=digits_mlp H=4 k=8 local_learning_rate=9.0 num_runs=2 num_rounds=30 "
                                 "partition=dirichlet partition.alpha=0.1 partition.num_clients=64"]
     entry = entries["H4_K8"]
     assert entry["values"] == {"local_learning_rate": 0.5}

@@ -23,13 +23,14 @@ def indexed_splits(n_train=40, n_inner=5, n_outer=5, n_test=10):
     return Splits(split(n_train), split(n_inner), split(n_outer), split(n_test), 3)
 
 
-def test_each_episode_divides_the_pool_into_disjoint_train_and_valid_parts_never_test():
+def test_each_episode_divides_the_pool_into_disjoint_train_and_valid_parts_never_outer_valid_or_test():
     splits = indexed_splits()
     pool = episode_split.pool_of(splits)
-    assert pool.y.shape[0] == 50  # train + inner-valid + outer-valid
-    num_train, num_valid = episode_split.sizes(50)
-    assert (num_train, num_valid) == (40, 10)
+    assert pool.y.shape[0] == 45  # train + inner-valid
+    num_train, num_valid = episode_split.sizes(45)
+    assert (num_train, num_valid) == (40, 5)  # the training part is the train split's size
     test_ids = set(np.asarray(splits.test.x[:, 0]).astype(int))
+    test_ids |= set(np.asarray(splits.outer_valid.x[:, 0]).astype(int))  # chooses aggregators: never fitted on
     layouts = []
     for seed in range(3):
         key = jax.random.PRNGKey(seed)
@@ -39,7 +40,7 @@ def test_each_episode_divides_the_pool_into_disjoint_train_and_valid_parts_never
         train_ids = np.asarray(x[:, 0]).astype(int)
         assert len(valid_ids) == num_valid
         assert not valid_ids & set(train_ids)  # never trained on what it is scored on
-        assert set(train_ids) | valid_ids == set(range(50))  # the whole pool, nothing else
+        assert set(train_ids) | valid_ids == set(range(45))  # the whole pool, nothing else
         assert not (set(train_ids) | valid_ids) & test_ids
         assert sorted(train_ids[:num_train]) == sorted(train_ids[num_train:])  # an epoch: each once
         assert int(counter) == 2 * num_train
@@ -138,7 +139,7 @@ def test_single_task_resplit_scores_the_episode_validation_part():
     # the round's score is the updated weights' loss on exactly this episode's validation part
     _, score = pes._round(LearnedAggregator("lagg_a", 2, 8).init_meta_params(jax.random.PRNGKey(0)), member,
                           data)
-    assert valid.y.shape[0] == 60 // 5 and np.isfinite(float(score))
+    assert valid.y.shape[0] == (48 + 6) // 9 and np.isfinite(float(score))  # a ninth of train + inner-valid
 
 
 @pytest.mark.parametrize("split", ["resplit", "outer_valid"])

@@ -33,7 +33,7 @@ def curves(name, rounds=300, every=50, seeds=2, train=1.0, test_loss=0.5, accura
     evals = np.unique(np.append(np.arange(0, rounds + 1, every), rounds))
     full = lambda v: np.broadcast_to(np.asarray(v, dtype=float), (seeds, len(evals))).copy()
     return BenchmarkResult(name, np.tile(train / np.sqrt(r), (seeds, 1)), evals, full(test_loss), full(accuracy),
-                           full(outer_valid), 1e-3, 0.5)
+                           full(outer_valid), full(accuracy), 1e-3, 0.5)
 
 
 def log_run(result, *, optimizer=None, seed=0, params=None, upload=True):

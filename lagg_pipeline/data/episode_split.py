@@ -2,11 +2,11 @@
 
 With a fixed validation split the meta-learner can fit that split (144 examples on digits):
 it learns an aggregator whose training happens to suit those examples, not the task. Here
-the pool of every non-test example (train, inner-valid and outer-valid; never test, SPEC 5)
-is divided anew by each episode's data key: a keyed permutation of the pool puts
-``num_valid`` examples first (this episode's validation set) and the rest after (its
-training set). Over episodes every pool example is validated on and trained on, never both
-in one episode, so no fixed set of examples can be memorised.
+the pool of the fitting splits (train and inner-valid; never outer-valid, which chooses among
+aggregators, nor test, which reports: SPEC 5) is divided anew by each episode's data key: a
+keyed permutation of the pool puts ``num_valid`` examples first (this episode's validation
+set) and the rest after (its training set). Over episodes every pool example is validated on
+and trained on, never both in one episode, so no fixed set of examples can be memorised.
 
 The training stream of an episode is the usual without-replacement stream
 (:mod:`lagg_pipeline.data.sampler`) over positions ``num_valid .. n-1`` of that permutation;
@@ -28,11 +28,11 @@ from lagg_pipeline.data.splits import Split, Splits
 # which a resplit run never draws (the two meta-losses exclude each other); the shipped
 # family aggregators were meta-trained with it, so it stays.
 _LAYOUT_SALT = 0x7FFFFFFF
-VALID_FRACTION_DENOMINATOR = 5  # 1/5 validation: the training part is the benchmark train split's size
+VALID_FRACTION_DENOMINATOR = 9  # 1/9 of train + inner-valid: the training part is the train split's size
 
 
 class EpisodePool(NamedTuple):
-    """Every non-test example, to be divided per episode (a distinct type from :class:`Split`
+    """The fitting splits' examples, to be divided per episode (a distinct type from :class:`Split`
     so the round sampler knows to draw from the episode's training part only)."""
 
     x: jax.Array
@@ -40,8 +40,8 @@ class EpisodePool(NamedTuple):
 
 
 def pool_of(splits: Splits) -> EpisodePool:
-    """train + inner-valid + outer-valid, in that order (never the test split)."""
-    parts = (splits.train, splits.inner_valid, splits.outer_valid)
+    """train + inner-valid, in that order (outer-valid and test are never fitted on)."""
+    parts = (splits.train, splits.inner_valid)
     return EpisodePool(jnp.concatenate([p.x for p in parts]), jnp.concatenate([p.y for p in parts]))
 
 

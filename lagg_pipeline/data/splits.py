@@ -29,6 +29,7 @@ DATASETS = {
     "digits": DatasetInfo("digits", 1438, 359, (8, 8, 1), 10, True),
     "mnist5k": DatasetInfo("mnist5k", 4000, 1000, (28, 28, 1), 10, True),
     "mnist1d": DatasetInfo("mnist1d", 8000, 2000, (40,), 10, True),
+    "mnist1d_large": DatasetInfo("mnist1d_large", 56000, 14000, (40,), 10, True),
     "fashion_mnist": DatasetInfo("fashion_mnist", 60000, 10000, (28, 28, 1), 10, False),
     "mnist": DatasetInfo("mnist", 60000, 10000, (28, 28, 1), 10, False),
     "cifar10": DatasetInfo("cifar10", 50000, 10000, (32, 32, 3), 10, False),

@@ -18,12 +18,13 @@ def log_benchmark(run, result, out: Path) -> None:
 
     MLflow refuses non-finite values: a run that diverged keeps the finite part of its
     curves and is tagged ``diverged`` (with the round), so it never looks like missing data."""
+    from lagg_pipeline import tuning
     from lagg_pipeline.report import diverged_at, plot_curves, summary
 
     rounds = np.arange(1, result.train_loss.shape[1] + 1)
     series = {"train_loss": (rounds, result.train_loss.mean(0)),
               "train_loss_std": (rounds, result.train_loss.std(0))}
-    for name in ("test_loss", "test_accuracy", "outer_valid_loss"):
+    for name in ("test_loss", "test_accuracy", "outer_valid_loss", "outer_valid_accuracy"):
         values = getattr(result, name)
         series[name] = (result.eval_rounds, values.mean(0))
         series[f"{name}_std"] = (result.eval_rounds, values.std(0))
@@ -33,6 +34,8 @@ def log_benchmark(run, result, out: Path) -> None:
         series[f"final_{name}"] = ([0], [mean])
         series[f"final_{name}_std"] = ([0], [std])
     run.log_metrics(series)
+    run.log_metrics({tuning.DIVERGED_SEEDS: ([0], [tuning.diverged_seeds(result)]),
+                     tuning.SELECTION_METRIC: ([0], [tuning.selection_score(result)])})  # non-finite: not logged
     first_bad = diverged_at(result)
     run.set_tags({"diverged": first_bad is not None, **({"diverged_at_round": first_bad} if first_bad else {})})
     np.savez(out / f"{result.name}_curves.npz", **{k: v for k, v in result._asdict().items() if k != "name"})
