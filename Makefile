@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast test-slow sweep ui bench bench-scaling bench-profile bench-xla tune tune-extend tune-federated results results-federated report clean
+.PHONY: help install install-dev run test test-fast test-slow sweep ui bench bench-scaling bench-profile bench-xla bench-compare tune tune-extend tune-federated results results-federated report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ bench-scaling: install ## PES step and round time against K, H, B, parameters: t
 
 bench-xla: install ## XLA's CPU options measured in alternating processes: round, PES step, compile (docs/performance)
 	$(PY) -m lagg_pipeline.bench.xla --readme docs/performance.md $(ARGS)
+
+REF ?= HEAD
+bench-compare: install ## this tree against another git revision, alternating processes, with the probe (REF=<rev>; docs/performance)
+	$(PY) -m lagg_pipeline.bench.compare $(REF) --readme docs/performance.md $(ARGS)
 
 bench-profile: install ## per-op profile of the digits and MNIST-1D PES steps (outputs/bench_profile)
 	$(PY) -m lagg_pipeline.bench.profile outputs/bench_profile $(ARGS)

@@ -4,8 +4,9 @@ For every meta-training task (digits_mlp, mnist1d_mlp) and the unseen mnist5k_ml
 B=128 it measures, after compilation and as the median over repeats: one fedavg, one lagg_a
 and one lopt_a round, one PES outer step of LAgg-A (8 antithetic pairs x 50 rounds = 800
 rounds) and the outer steps per hour that makes, the compile time and XLA's memory estimate of
-each, and their analytic FLOPs. A jitted 2048x2048 matmul gives this machine's compute rate,
-so every time is also a fraction of the compute-bound limit. Two ratios say where overhead
+each, and their analytic FLOPs. The steady probe (bench/steady.py: a 2048² matmul on every device
+at once, read between the tasks, median) gives this machine's compute rate, so every time is
+also a fraction of the compute-bound limit. Two ratios say where overhead
 lives: lagg_a round / fedavg round, and PES outer step / 800 lagg_a rounds. For mnist5k_mlp it
 also compiles the fedavg round with the train split captured as a jit constant (how the
 pipeline used to do it) to show what passing data as arguments saves. Compile times are cold
@@ -25,16 +26,14 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 
 from lagg_pipeline import xla_cache, xla_flags
 from lagg_pipeline.aggregators import hand
+from lagg_pipeline.bench import steady
 from lagg_pipeline.benchmark import init_round_states
-from lagg_pipeline.data import load_splits
 from lagg_pipeline.simulator import make_round_step
-from lagg_pipeline.tasks import make_task
 
 LR, HIDDEN = 0.5, 32
 TASKS = {"digits_mlp": ("digits", [32]), "mnist1d_mlp": ("mnist1d", [128, 128]),
@@ -61,17 +60,9 @@ class Shape(NamedTuple):
 DEFAULT = Shape()
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """This machine's float32 matmul rate: the compute-bound yardstick."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x).lower(a).compile()
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+def matmul_gflops() -> float:
+    """This machine's float32 matmul rate, every core (see :mod:`lagg_pipeline.bench.steady`)."""
+    return steady.matmul_probe()
 
 
 def layer_sizes(image_shape, hidden, classes: int = 10) -> list[tuple[int, int]]:
@@ -151,18 +142,15 @@ def time_rounds(task, split, update, rounds: int, repeats: int, shape: Shape = D
     return median_seconds(lambda: compiled(state, split), repeats) / rounds, compile_s, memory
 
 
+def shape_keywords(shape: Shape = DEFAULT) -> dict:
+    """:func:`steady.pes_trainer`'s shape keywords for ``shape``."""
+    return {"K": shape.K, "H": shape.H, "B": shape.B, "num_tasks": shape.num_tasks,
+            "trunc_length": shape.trunc_length, "lr": LR, "aggregator_hidden": HIDDEN}
+
+
 def pes_trainer(task, split, shape: Shape = DEFAULT):
     """A LAgg-A MetaTrainer at ``shape`` (meta-training's defaults otherwise)."""
-    from lagg_pipeline.aggregators.learned import LearnedAggregator
-    from lagg_pipeline.config import Config
-    from lagg_pipeline.meta.pes import PESData
-    from lagg_pipeline.meta.train import MetaTrainer
-
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), {
-        "optimizer": {"name": "lagg_a"}, "num_outer_steps": 1000, "num_tasks": shape.num_tasks,
-        "trunc_length": shape.trunc_length, "num_grads": shape.K, "num_local_steps": shape.H,
-        "local_batch_size": shape.B, "local_learning_rate": LR, "hidden_size": HIDDEN})
-    return MetaTrainer(cfg, task, PESData(split), LearnedAggregator("lagg_a", shape.K, HIDDEN))
+    return steady.pes_trainer(task, split, **shape_keywords(shape))
 
 
 def time_pes(task, split, repeats: int, shape: Shape = DEFAULT, cached: bool = True):
@@ -185,14 +173,10 @@ def time_pes(task, split, repeats: int, shape: Shape = DEFAULT, cached: bool = T
 def load_task(name: str, hidden=None):
     """(task, splits) of a bench task, optionally with other hidden sizes."""
     dataset, default_hidden = TASKS[name]
-    hidden = default_hidden if hidden is None else hidden
-    splits = load_splits(dataset)
-    task = make_task(OmegaConf.create({"name": name, "dataset": dataset, "model": "mlp", "hidden_sizes": hidden}),
-                     tuple(splits.train.x.shape[1:]), splits.num_classes)
-    return task, splits
+    return steady.load_task(name, dataset, default_hidden if hidden is None else hidden)
 
 
-def measure(name: str, args, gflops: float) -> dict:
+def measure(name: str, args) -> dict:
     """Every measure of one task at the default shape, as {measure key: value}."""
     hidden = TASKS[name][1]
     task, splits = load_task(name)
@@ -211,8 +195,7 @@ def measure(name: str, args, gflops: float) -> dict:
             task, splits.train, args.outer_steps)
     for measure_name, (seconds, compile_s, memory) in timings.items():
         out.update({f"{measure_name}_seconds": seconds, f"{measure_name}_compile_seconds": compile_s,
-                    f"{measure_name}_memory_mib": memory, f"{measure_name}_gflop": flops[measure_name] / 1e9,
-                    f"{measure_name}_fraction_of_matmul_limit": flops[measure_name] / 1e9 / gflops / seconds})
+                    f"{measure_name}_memory_mib": memory, f"{measure_name}_gflop": flops[measure_name] / 1e9})
     out["lagg_a_round_over_fedavg_round"] = out["lagg_a_round_seconds"] / out["fedavg_round_seconds"]
     if args.outer_steps:
         out["pes_outer_steps_per_hour"] = 3600.0 / out["pes_outer_step_seconds"]
@@ -275,11 +258,18 @@ def main(argv=None) -> dict:
 
     # Compile times are cold: a fresh persistent cache, which time_pes then reads back.
     xla_cache.enable(tempfile.mkdtemp(prefix="lagg_bench_xla_"), env_wins=False)
-    gflops = matmul_gflops()
-    numbers = {"device": str(jax.devices()[0]), "jax_version": jax.__version__, "matmul_gflops": gflops,
+    probe = steady.Probe()  # read between the tasks' measures; the limit is the median reading
+    numbers = {"device": str(jax.devices()[0]), "jax_version": jax.__version__,
                "device_count": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     for name in args.tasks.split(","):
-        numbers.update({f"{name}.{k}": v for k, v in measure(name, args, gflops).items()})
+        probe.read()
+        numbers.update({f"{name}.{k}": v for k, v in measure(name, args).items()})
+    probe.read()
+    numbers["matmul_gflops"] = probe.gflops
+    for key in [k for k in numbers if k.endswith("_gflop")]:
+        measure_key = key.removesuffix("_gflop")
+        numbers[f"{measure_key}_fraction_of_matmul_limit"] = (numbers[key] / numbers["matmul_gflops"]
+                                                              / numbers[f"{measure_key}_seconds"])
     table = format_table(numbers)
     print(table)
     from lagg_pipeline.bench.outputs import write_outputs
