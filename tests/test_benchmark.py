@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 from lagg_pipeline.aggregators import hand
 from lagg_pipeline.benchmark import BenchmarkResult, run_benchmark
 from lagg_pipeline.data import load_splits
-from lagg_pipeline.report import LOSS_FLOOR, diverged_at, floored, format_summary, plot_curves, summary
+from lagg_pipeline.report.plots import LOSS_FLOOR, floored, plot_curves
+from lagg_pipeline.report.run_summary import diverged_at, format_summary, summary
 from lagg_pipeline.tasks import make_task
 
 

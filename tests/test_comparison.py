@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lagg_pipeline import comparison, results_page, tracking, tuning, verdict
+from lagg_pipeline import tracking, tuning
+from lagg_pipeline.report import collect, headline, judge, page
 from lagg_pipeline.benchmark import BenchmarkResult
 from lagg_pipeline.jobs.benchmark import log_benchmark
 
@@ -31,7 +32,7 @@ def log_run(experiment, name, result, *, optimizer=None, task="digits_mlp", H=4,
             **({"partition": partition} if partition else {})}  # runs from before partitions have no tag
     run = tracking.start_run(cfg, name, tags, parent_run_id=parent)
     run.log_params({"num_rounds": result.train_loss.shape[1], "num_runs": result.train_loss.shape[0],
-                    **(params or {})})
+                    "local_batch_size": 128, **(params or {})})
     out = Path(f"art_{run.run_id}")
     out.mkdir()
     log_benchmark(run, result, out)
@@ -168,10 +169,10 @@ def test_every_grid_recipe_names_the_keys_it_tunes():
 def test_trailing_mean_smooths_the_train_loss_and_keeps_divergence_visible():
     rounds = np.arange(1, 101, dtype=float)
     expected = [np.mean(1 / rounds[max(0, r - 10):r]) for r in range(1, 101)]
-    np.testing.assert_allclose(verdict.trailing_mean(1 / rounds), expected)
+    np.testing.assert_allclose(judge.trailing_mean(1 / rounds), expected)
     curve = 1 / rounds
     curve[40] = np.inf  # a diverged seed in the mean: infinite while it is in the window, not NaN
-    smoothed = verdict.trailing_mean(curve)
+    smoothed = judge.trailing_mean(curve)
     assert np.isinf(smoothed[40:50]).all() and np.isfinite(smoothed[:40]).all()
     np.testing.assert_allclose(smoothed[50:], expected[50:])
 
@@ -181,7 +182,7 @@ def test_trailing_mean_recovers_after_a_huge_finite_spike():
     # ln(10), not the 0 that differences of a running sum leave behind
     curve = np.full(100, np.log(10.0), dtype=np.float32)
     curve[30] = 4.5e16
-    smoothed = verdict.trailing_mean(curve)
+    smoothed = judge.trailing_mean(curve)
     assert (smoothed[30:40] > 1e15).all()
     np.testing.assert_allclose(smoothed[40:], np.log(10.0), rtol=1e-6)
 
@@ -204,21 +205,23 @@ def test_report_pools_seeds_of_one_method_and_keeps_the_newest_rerun(tmp_path):
     log_run("results", "fedavg", fake_result("fedavg", 3 * fedavg), params={"local_learning_rate": 0.5},
             partition="dirichlet(alpha=0.1, M=64)")
     client, _ = tracking.client(tracking_cfg("results"))
-    groups = comparison.collect(client, "results")
-    skewed = ("digits_mlp", 8, 4, R, "dirichlet(alpha=0.1, M=64)")
+    groups = collect.collect(client, "results")
+    skewed = ("digits_mlp", 8, 4, R, 128, "dirichlet(alpha=0.1, M=64)")
     np.testing.assert_array_equal(groups[skewed][0].train_loss, 3 * fedavg)
-    curves = groups[("digits_mlp", 8, 4, R, "iid")]
+    curves = groups[("digits_mlp", 8, 4, R, 128, "iid")]
     assert [c.method for c in curves] == ["lagg_a@digits_k8_h4", "fedavg", "fedadam"]
     assert curves[0].train_loss.shape == (4, R) and curves[1].train_loss.shape == (2, R)
     np.testing.assert_array_equal(curves[1].train_loss, fedavg)
     assert curves[1].settings == "local_learning_rate=0.5" and curves[2].settings.endswith("server_learning_rate=0.01")
     assert curves[0].settings == "local_learning_rate=0.5, meta-params: shipped digits_k8_h4"
-    text = results_page.markdown(results_page.judge_all(groups), tmp_path)
-    assert "### digits_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64): 300 rounds, 2 seeds" in text
+    judged = judge.judge_groups(groups)
+    text = page.markdown(judged)
+    assert "### digits_mlp, K=8, H=4, B=128, clients: dirichlet(alpha=0.1, M=64): 300 rounds, 2 seeds" in text
     assert text.count("No learned method ran in this group: nothing to judge.") == 1
-    assert "### digits_mlp, K=8, H=4: 300 rounds, 2/4 seeds" in text
-    assert (tmp_path / f"digits_mlp_K8_H4_R{R}.png").stat().st_size > 10_000
-    assert (tmp_path / f"digits_mlp_K8_H4_R{R}_dirichlet_alpha0.1_M64.png").is_file()
+    assert "### digits_mlp, K=8, H=4, B=128: 300 rounds, 2/4 seeds" in text
+    page.plot(judged, tmp_path)
+    assert (tmp_path / f"digits_mlp_K8_H4_B128_R{R}.png").stat().st_size > 10_000
+    assert (tmp_path / f"digits_mlp_K8_H4_B128_R{R}_dirichlet_alpha0.1_M64.png").is_file()
 
 
 def test_experiments_open_on_the_runs_view_in_the_mlflow_ui():
@@ -287,7 +290,7 @@ def test_retrying_rides_out_a_locked_database(monkeypatch):
 def test_shipped_table_lists_every_shipped_aggregator_with_its_settings():
     from lagg_pipeline import pretrained
 
-    rows = results_page.shipped_table().splitlines()[2:]
+    rows = headline.shipped_table().splitlines()[2:]
     assert len(rows) == len(pretrained.available())
     assert all(row.count("|") == 13 for row in rows)
     (row,) = [r for r in rows if "| lagg_a | `family_k8_h4_mix`" in r]

@@ -12,7 +12,7 @@ MAX_LINES = 300
 # Low modules may not import high ones: data, aggregators, errors and tracking sit at the
 # bottom; only the jobs (the composition root) and the command line import jobs.
 LOW = ("lagg_pipeline.errors", "lagg_pipeline.data", "lagg_pipeline.aggregators", "lagg_pipeline.tracking")
-HIGH = ("lagg_pipeline.jobs", "lagg_pipeline.cli", "lagg_pipeline.comparison", "lagg_pipeline.meta",
+HIGH = ("lagg_pipeline.jobs", "lagg_pipeline.cli", "lagg_pipeline.report", "lagg_pipeline.meta",
         "lagg_pipeline.benchmark", "lagg_pipeline.simulator")
 
 
@@ -86,7 +86,8 @@ def test_no_module_exceeds_the_size_limit():
 CORE = ("lagg_pipeline.errors", "lagg_pipeline.markers", "lagg_pipeline.config", "lagg_pipeline.tracking",
         "lagg_pipeline.data", "lagg_pipeline.aggregators", "lagg_pipeline.tasks", "lagg_pipeline.simulator",
         "lagg_pipeline.benchmark", "lagg_pipeline.xla_cache", "lagg_pipeline.xla_flags")
-SELF_CONTAINED = {"lagg_pipeline.bench": CORE + ("lagg_pipeline.meta",)}
+SELF_CONTAINED = {"lagg_pipeline.bench": CORE + ("lagg_pipeline.meta",),
+                  "lagg_pipeline.report": CORE + ("lagg_pipeline.tuning", "lagg_pipeline.pretrained")}
 
 
 @pytest.mark.parametrize("package", sorted(SELF_CONTAINED))
@@ -96,6 +97,25 @@ def test_self_contained_packages_import_only_core_modules(package):
     offenders = {(name, target) for name, targets in imports().items() if within(name, (package,))
                  for target in targets if not within(target, allowed)}
     assert not offenders
+
+
+def test_the_report_reads_one_way():
+    """collect -> judge -> render -> write: no stage imports a later one (recommend reads judgements only)."""
+    order = ["curves", "identity", "collect", "judge", "recommend", "sentences", "plots", "page", "headline",
+             "write", "render"]
+    graph = imports()
+    for i, stage in enumerate(order):
+        later = {f"lagg_pipeline.report.{s}" for s in order[i + 1:]}
+        assert not graph[f"lagg_pipeline.report.{stage}"] & later, stage
+
+
+def test_judging_imports_no_jax():
+    """The verdict is numpy arithmetic: importing it (and what it imports) starts no JAX."""
+    import subprocess
+    import sys
+
+    code = "import sys, lagg_pipeline.report.judge, lagg_pipeline.report.recommend; print('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def within(module: str, packages: tuple[str, ...]) -> bool:

@@ -1,25 +1,39 @@
-"""The report's real path on adversarial stores: MLflow runs -> collect -> rows -> verdict on the test split."""
+"""The report's real path on adversarial stores: MLflow runs -> collect -> judge -> render -> write."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lagg_pipeline import comparison, results_page, tracking, verdict
+from lagg_pipeline import tracking, tuning
 from lagg_pipeline.benchmark import BenchmarkResult
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.jobs.benchmark import log_benchmark
-from lagg_pipeline.jobs.report import write_report
+from lagg_pipeline.jobs.report import run_report
+from lagg_pipeline.report import collect, headline, judge, sentences
+from lagg_pipeline.report import page as page_tables
+from lagg_pipeline.report.write import RESULTS
 
 EXPERIMENT = "results"
+FIXTURE_OPTIMIZERS = ("fedavg", "fedadam", "slowmo")
 
 
 @pytest.fixture(autouse=True)
 def _no_per_run_plots(monkeypatch):
     """Each run's own plot is not what the report reads; drawing it would dominate the test time."""
-    from lagg_pipeline import report
+    from lagg_pipeline.report import plots
 
-    monkeypatch.setattr(report, "plot_curves", lambda results, path: Path(path))
+    monkeypatch.setattr(plots, "plot_curves", lambda results, path: Path(path))
+
+
+@pytest.fixture(autouse=True)
+def _tuned_at_the_fixtures_values(tmp_path, monkeypatch):
+    """The fixture baselines ran at local_learning_rate=0.5: recorded as their tuned value."""
+    root = tmp_path / "tuned"
+    for optimizer in FIXTURE_OPTIMIZERS:
+        (root / "digits_mlp").mkdir(parents=True, exist_ok=True)
+        (root / "digits_mlp" / f"{optimizer}.yaml").write_text("H4_K8:\n  values: {local_learning_rate: 0.5}\n")
+    monkeypatch.setattr(tuning, "tuned_root", lambda: root)
 
 
 def tracking_cfg(experiment=EXPERIMENT):
@@ -27,16 +41,18 @@ def tracking_cfg(experiment=EXPERIMENT):
                              "run_name": None})
 
 
-def curves(name, rounds=300, every=50, seeds=2, train=1.0, test_loss=0.5, accuracy=0.9, outer_valid=0.4):
-    """Seed curves: train loss ``train``/sqrt(round); evaluation metrics constant (or [E] arrays)."""
+def curves(name, rounds=300, every=50, seeds=2, train=1.0, test_loss=0.5, accuracy=0.9, outer_valid=0.4,
+           valid_accuracy=None):
+    """Seed curves: train loss ``train``/sqrt(round); evaluation metrics constant (or [E] arrays);
+    outer-valid accuracy the test accuracy unless given."""
     r = np.arange(1, rounds + 1)
     evals = np.unique(np.append(np.arange(0, rounds + 1, every), rounds))
     full = lambda v: np.broadcast_to(np.asarray(v, dtype=float), (seeds, len(evals))).copy()
     return BenchmarkResult(name, np.tile(train / np.sqrt(r), (seeds, 1)), evals, full(test_loss), full(accuracy),
-                           full(outer_valid), full(accuracy), 1e-3, 0.5)
+                           full(outer_valid), full(accuracy if valid_accuracy is None else valid_accuracy), 1e-3, 0.5)
 
 
-def log_run(result, *, optimizer=None, seed=0, params=None, upload=True):
+def log_run(result, *, optimizer=None, seed=0, params=None, upload=True, batch=128):
     """A benchmark run as a job records it: the flattened config as params, curves via log_benchmark."""
     optimizer = optimizer or result.name.split("@")[0]
     S, R = result.train_loss.shape
@@ -45,7 +61,7 @@ def log_run(result, *, optimizer=None, seed=0, params=None, upload=True):
                                                            "K": 8, "seed": seed, "method": result.name,
                                                            "partition": "iid"})
     run.log_params({"num_rounds": R, "num_runs": S, "eval_every": every, "seed": seed, "local_learning_rate": 0.5,
-                    "num_grads": 8, "num_local_steps": 4, "local_batch_size": 128, "optimizer.name": optimizer,
+                    "num_grads": 8, "num_local_steps": 4, "local_batch_size": batch, "optimizer.name": optimizer,
                     "tracking.experiment": EXPERIMENT, "progress": False, "pretrained": None, "checkpoint": None,
                     "hidden_size": 32, **(params or {})})
     if not upload:  # an artifact upload that failed (tolerated by the job)
@@ -57,18 +73,22 @@ def log_run(result, *, optimizer=None, seed=0, params=None, upload=True):
     return run
 
 
-def collected():
+def collected(warn=print):
     client, _ = tracking.client(tracking_cfg())
-    return comparison.collect(client, EXPERIMENT)
+    return collect.collect(client, EXPERIMENT, warn)
 
 
 def judged():
-    (page,) = results_page.judge_all(collected())
-    return page
+    (group,) = judge.judge_groups(collected())
+    return group
 
 
-def line_of(page, method):
-    (line,) = [l for l in page.judgement.lines if l.startswith(f"- **{method}** ")]
+def lines(group, split="test"):
+    return sentences.lines(getattr(group, "test" if split == "test" else "valid"))
+
+
+def line_of(group, method, split="test"):
+    (line,) = [l for l in lines(group, split) if l.startswith(f"- **{method}** ")]
     return line
 
 
@@ -99,28 +119,30 @@ def test_two_checkpoints_benchmarked_with_the_same_seed_are_two_rows(tmp_path):
 
 
 def test_evaluations_are_aligned_by_round_not_by_index():
-    # fedavg evaluates every 25 rounds, lagg_a every 50: compared at the rounds both have
+    # fedavg evaluates every 25 rounds, lagg_a every 50: lagg_a is judged at its own evaluations among fedavg's
     acc = np.linspace(0.5, 0.98, 13)
     log_run(curves("fedavg", every=25, accuracy=acc))
     log_run(curves("lagg_a", every=50, train=0.5, accuracy=acc[::2]))
-    page = judged()
-    np.testing.assert_array_equal(page.judgement.rounds, [50, 100, 150, 200, 250, 300])
-    np.testing.assert_array_equal(page.judgement.judged, [100, 150, 200, 250, 300])
-    line = line_of(page, "lagg_a")
+    group = judged()
+    np.testing.assert_array_equal(group.test.rounds, np.arange(25, 301, 25))
+    (v,) = group.test.verdicts
+    np.testing.assert_array_equal(v.judged, [100, 150, 200, 250, 300])
+    line = line_of(group, "lagg_a")
     assert line.startswith("- **lagg_a** holds on the test split.")
     assert "(2) test accuracy within 0.5 points of the best baseline's at 5 of 5 evaluations" in line
-    # reaching fedavg's final accuracy: both at round 300 (the first common evaluation it holds at)
-    assert page.judgement.targets["accuracy"][2] == {"lagg_a": 300, "fedavg": 300}
+    # reaching fedavg's final accuracy: both at round 300
+    assert group.test.targets["accuracy"].reached == {"lagg_a": 300, "fedavg": 300}
 
 
-def test_no_common_evaluation_is_a_one_line_error():
+def test_a_row_without_an_evaluation_among_the_baselines_is_noted_not_judged():
     # jobs always evaluate at the last round, so only curves from elsewhere can miss each other
     log_run(curves("fedavg", rounds=60, every=25))
     (rows,) = collected().values()
-    other = rows[0]._replace(method="lagg_a", optimizer="lagg_a", eval_rounds=np.array([0, 30, 45]))
-    with pytest.raises(UserError, match="no evaluation round common to all methods .lagg_a: every 30; fedavg: every "
-                                        "25.: rerun with one eval_every"):
-        verdict.judge([other, rows[0]], "digits")
+    other = rows[0]._replace(method="lagg_a", optimizer="lagg_a", eval_rounds=np.array([0, 30, 45, 55]))
+    j = judge.judge([other, rows[0]])
+    assert not j.verdicts
+    assert "- lagg_a: none of its evaluations (rounds 30, 45, 55) is among the baselines' (rounds 25, 50, 60): not " \
+           "judged; rerun it with their eval_every." in sentences.lines(j)
 
 
 def test_each_metric_has_its_own_best_baseline_at_each_round():
@@ -147,7 +169,7 @@ def test_beside_other_baselines_each_learned_method_is_also_judged_against_fedav
     log_run(curves("fedadam", train=1.2, test_loss=0.25, accuracy=0.95))
     log_run(curves("lagg_a@x", train=0.5, test_loss=0.32, accuracy=0.90), params={"pretrained": "x"})
     page = judged()
-    (alone,) = [l for l in page.judgement.lines if l.startswith("- **lagg_a@x**, against tuned FedAvg alone, ")]
+    (alone,) = [l for l in lines(page) if l.startswith("- **lagg_a@x**, against tuned FedAvg alone, ")]
     assert alone.startswith("- **lagg_a@x**, against tuned FedAvg alone, holds on the test split.")
     assert "(2) test accuracy within 0.5 points of the best baseline's at 5 of 5 evaluations" in alone
     assert "(3) test loss within 10% of the best baseline's at 5 of 5 evaluations" in alone
@@ -157,17 +179,19 @@ def test_beside_other_baselines_each_learned_method_is_also_judged_against_fedav
     # the verdict against every baseline is unchanged, and is the one the headline reads
     assert line_of(page, "lagg_a@x").startswith("- **lagg_a@x** does not hold on the test split.")
     assert "0.32 vs fedadam's 0.25" in line_of(page, "lagg_a@x")
-    table = results_page.headline(results_page.markdown([page], Path("rep")), "r.md").splitlines()
+    table = headline.headline([page], "r.md").splitlines()
     x = "lagg_a@x (not shipped)"  # a label of a shipped aggregator whose file the package lacks
-    assert table[2].endswith(f"| none | **5/5** {x} | 0/5 {x} | 0/5 {x} | never |")
-    assert table[4] == "Against tuned FedAvg alone:" and len(table) == 9
-    assert table[8].endswith(f"| {x} | **5/5** {x} | **5/5** {x} | **5/5** {x} | 1× {x} |")
+    link = "[digits_mlp, K=8, H=4, B=128](r.md#digits_mlp-k8-h4-b128-300-rounds-2-seeds)"
+    assert table[2] == (f"| {link} | 2 tuned baselines | {x} | no | **5/5** | 0/5 | 0/5 | never | {x} (5/5, 0/5, "
+                        f"0/5) |")
+    assert table[4].startswith("Against FedAvg alone") and len(table) == 9
+    assert table[8] == f"| {link} | tuned FedAvg (1 row) | {x} | yes | **5/5** | **5/5** | **5/5** | 50 (1×) | {x} (5/5, 5/5, 5/5) |"
 
 
 def test_fedavg_alone_is_not_judged_twice():
     log_run(curves("fedavg", test_loss=0.30, accuracy=0.90))
     log_run(curves("lagg_a@x", train=0.5, test_loss=0.32, accuracy=0.90), params={"pretrained": "x"})
-    assert not [l for l in judged().judgement.lines if "against tuned FedAvg alone" in l]
+    assert not [l for l in lines(judged()) if "against tuned FedAvg alone" in l]
 
 
 def test_a_baseline_counts_with_its_finite_seeds_and_is_marked():
@@ -180,8 +204,8 @@ def test_a_baseline_counts_with_its_finite_seeds_and_is_marked():
     log_run(curves("lagg_a@x", train=0.5, test_loss=0.21, accuracy=0.95),
             params={"pretrained": "x"})
     page = judged()
-    assert "- fedadam: 1 of 3 seeds diverged; counted with its 2 finite seeds (marked †)." in page.judgement.lines
-    table = "\n".join(results_page.held_out_table(page.judgement))
+    assert "- fedadam: 1 of 3 seeds diverged; counted with its 2 finite seeds (marked †)." in lines(page)
+    table = "\n".join(page_tables.held_out_table(page.test))
     (row,) = [r for r in table.splitlines() if r.startswith("| fedadam |")]
     assert "| 3, 1 diverged † | 0.97 ± 0 | 0.97 ± 0 | 0.97 ± 0 | 0.2 ± 0 |" in row
     line = line_of(page, "lagg_a@x")  # the finite seeds' 0.97 is the reference, not a NaN that drops out
@@ -203,7 +227,7 @@ def test_a_learned_methods_diverged_seed_counts_against_it():
             "fedavg's 0.06383, counted as infinite;") in line
     assert "(3) test loss within 10% of the best baseline's at 3 of 5 evaluations; misses 2, first at round 250" in line
     assert "| **lagg_a@x** | local_learning_rate=0.5, meta-params: shipped x | 2, 1 diverged (against it) |" in \
-        "\n".join(results_page.held_out_table(page.judgement))
+        "\n".join(page_tables.held_out_table(page.test))
 
 
 def test_time_to_target_survives_a_diverged_fedavg():
@@ -214,15 +238,15 @@ def test_time_to_target_survives_a_diverged_fedavg():
     log_run(curves("lagg_a@x", train=0.5, accuracy=np.linspace(0.5, 0.96, 7)),
             params={"pretrained": "x"})
     page = judged()
-    assert "- fedavg: 2 of 2 seeds diverged; no finite seed, so it is nobody's reference." in page.judgement.lines
-    value, owner, reached = page.judgement.targets["train"]
+    assert "- fedavg: 2 of 2 seeds diverged; no finite seed, so it is nobody's reference." in lines(page)
+    value, owner, reached, _ = page.test.targets["train"]
     assert owner == "fedadam" and value == pytest.approx(np.mean(1 / np.sqrt(np.arange(291, 301))))
     # 0.5/sqrt(r) averaged over 10 rounds first reaches fedadam's final value near round 75
-    smoothed = verdict.trailing_mean(0.5 / np.sqrt(np.arange(1, 301)))
+    smoothed = judge.trailing_mean(0.5 / np.sqrt(np.arange(1, 301)))
     assert reached == {"lagg_a@x": int(np.argmax(smoothed <= value)) + 1, "fedadam": 300, "fedavg": None}
-    assert page.judgement.targets["accuracy"][2]["lagg_a@x"] == 300 and \
-        page.judgement.targets["accuracy"][1] == "fedadam"
-    table = "\n".join(results_page.target_table(page.judgement))
+    assert page.test.targets["accuracy"].reached["lagg_a@x"] == 300 and \
+        page.test.targets["accuracy"].owner == "fedadam"
+    table = "\n".join(page_tables.target_table(page.test))
     assert f"| **lagg_a@x** | 300 | 1 | {reached['lagg_a@x']} | {reached['lagg_a@x'] / 300:.2g} |" in table
     assert "| fedavg | > 300 | — | > 300 | — |" in table
 
@@ -231,7 +255,7 @@ def test_runs_under_100_rounds_are_judged_from_their_first_evaluation():
     log_run(curves("fedavg", rounds=60, every=20))
     log_run(curves("lagg_a@x", rounds=60, every=20, train=0.5), params={"pretrained": "x"})
     page = judged()
-    assert page.judgement.lines[0].startswith("Verdict on the test split, at the 3 evaluations from the first "
+    assert lines(page)[0].startswith("Verdict on the test split, at the 3 evaluations from the first "
                                               "evaluation, round 20 (the runs are shorter than 100 rounds) to round 60")
     assert "at 3 of 3 evaluations" in line_of(page, "lagg_a@x")
 
@@ -248,52 +272,62 @@ def test_a_finished_run_without_curves_is_left_out_with_a_warning(capsys):
 def report_cfg(**overrides):
     return OmegaConf.create({"tracking": {"enabled": True, "uri": None, "experiment": EXPERIMENT,
                                           "parent_run_id": None, "run_name": None},
-                             "report_dir": None, "readme": None, **overrides})
+                             "report_dir": None, "readme": None, "headline": None, **overrides})
 
 
-def test_report_job_writes_the_page_and_splices_the_readme(tmp_path):
+def pages(tmp_path):
+    """A README with a headline block and a Results page below its folder."""
+    readme, results = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    results.parent.mkdir(parents=True)
+    readme.write_text("intro\n<!-- headline:begin -->\nOLD HEADLINE\n<!-- headline:end -->\ntail\n")
+    results.write_text(f"intro\n{RESULTS[0]}\nOLD NUMBERS\n{RESULTS[1]}\ntail\n")
+    return readme, results
+
+
+def test_report_job_writes_the_page_and_splices_the_readme_and_headline(tmp_path):
     log_run(curves("fedavg", test_loss=0.3, accuracy=0.9))
-    log_run(curves("lagg_a@x", train=0.5, test_loss=0.3, accuracy=0.9),
-            params={"pretrained": "x"})
-    readme = tmp_path / "page.md"
-    readme.write_text(f"intro\n{comparison.BEGIN}\nOLD NUMBERS\n{comparison.END}\ntail\n")
-    text = write_report(report_cfg(readme=str(readme), report_dir=str(tmp_path / "rep")), tmp_path / "out")
-    assert text.startswith(results_page.SPLITS)
-    assert "### digits_mlp, K=8, H=4: 300 rounds, 2 seeds" in text and "- **lagg_a@x** holds on the test split." in text
+    log_run(curves("lagg_a@x", train=0.5, test_loss=0.3, accuracy=0.9), params={"pretrained": "x"})
+    readme, results = pages(tmp_path)
+    text = run_report(report_cfg(readme=str(results), headline=str(readme), report_dir=str(tmp_path / "docs" / "rep")),
+                      tmp_path / "out")
+    assert text.startswith(page_tables.SPLITS)
+    assert "### digits_mlp, K=8, H=4, B=128: 300 rounds, 2 seeds" in text and \
+        "- **lagg_a@x** holds on the test split." in text
+    assert "Scorecard on the test split, judged against tuned fedavg only:" in text
+    assert "| **lagg_a@x** (chosen) | yes | **5/5** | **5/5** | **5/5** | 50 (1×) | 0/2 | tuned fedavg only |" in text
     assert "| method | settings | seeds | test acc r100 | test acc r250 | test acc r300 | test loss r100 |" in text
-    content = readme.read_text()
-    assert "OLD NUMBERS" not in content and content.endswith("tail\n") and "(rep/digits_mlp_K8_H4_R300.png)" in content
-    assert (tmp_path / "rep" / "digits_mlp_K8_H4_R300.png").stat().st_size > 10_000
-    assert results_page.headline(text, "results.md").splitlines()[2] == (
-        "| [digits_mlp, K=8, H=4](results.md#digits_mlp-k8-h4-300-rounds-2-seeds) | lagg_a@x (not shipped) | **5/5** "
-        "lagg_a@x (not shipped) | **5/5** lagg_a@x (not shipped) | **5/5** lagg_a@x (not shipped) | 1× lagg_a@x (not "
-        "shipped) |")
+    content = results.read_text()
+    assert "OLD NUMBERS" not in content and content.endswith("tail\n") and "(rep/digits_mlp_K8_H4_B128_R300.png)" in content
+    assert (tmp_path / "docs" / "rep" / "digits_mlp_K8_H4_B128_R300.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "digits_mlp_K8_H4_B128_R300.png").is_file()
+    row = readme.read_text().splitlines()[4]
+    assert row == ("| [digits_mlp, K=8, H=4, B=128](docs/results.md#digits_mlp-k8-h4-b128-300-rounds-2-seeds) | tuned "
+                   "fedavg only | lagg_a@x (not shipped) | yes | **5/5** | **5/5** | **5/5** | 50 (1×) | lagg_a@x (not "
+                   "shipped) (5/5, 5/5, 5/5) |")
 
 
-def test_the_headline_reads_each_criterion_from_the_verdict_lines():
-    page = ("### mnist1d_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64): 1000 rounds, 5 seeds\n\n"
-            "- **a** does not hold on the test split. (1) train loss below every baseline's at 19 of 19 evaluations; "
-            "(2) test accuracy within 0.5 points of the best baseline's at 17 of 19 evaluations; misses 2, first at "
-            "round 850: 0.976 vs diloco's 0.9811, 0.51 points below; (3) test loss within 10% of the best baseline's "
-            "at 19 of 19 evaluations; (4) time to target: ...\n"
-            "- **b** holds on the test split. (1) train loss below every baseline's at 3 of 3 evaluations; (2) test "
-            "accuracy within 0.5 points of the best baseline's at 3 of 3 evaluations; (3) test loss within 10% of "
-            "the best baseline's at 3 of 3 evaluations; (4) time to target: 150 rounds to fedavg (local_learning_rate=1.0)'s "
-            "final test accuracy 0.631 (1.5× the fastest baseline, fedavg at 100), ...\n\n### digits_mlp, K=8, H=8: 1000 rounds, 5 seeds\n"
-            "No learned method ran in this group: nothing to judge.\n")
-    (row,) = results_page.headline(page, "results.md").splitlines()[2:]
-    assert row == ("| [mnist1d_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64)](results.md#mnist1d_mlp-k8-h4-clients-"
-                   "dirichletalpha01-m64-1000-rounds-5-seeds) | b | **19/19** a | 17/19 a | **19/19** a | 1.5× b |")
+def test_the_report_job_collects_judges_renders_and_writes_once_each_in_order(tmp_path, monkeypatch):
+    from lagg_pipeline.jobs import report as job
+
+    log_run(curves("fedavg"))
+    calls = []
+    for name in ("collect", "judge_groups", "render", "write"):
+        real = getattr(job, name)
+        monkeypatch.setattr(job, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    run_report(report_cfg(), tmp_path / "out")
+    assert calls == ["collect", "judge_groups", "render", "write"]
 
 
-def test_the_headline_names_shipped_aggregators_first_and_marks_retired_ones():
-    line = ("- **{}** does not hold on the test split. (1) train loss below every baseline's at 4 of 5 evaluations; "
-            "(2) test accuracy within 0.5 points of the best baseline's at 5 of 5 evaluations; (3) ...\n")
-    row = lambda *names: results_page.headline("### digits_mlp, K=8, H=4: 300 rounds, 2 seeds\n\n" + "".join(
-        line.format(n) for n in names), "r.md").splitlines()[2]
-    assert "| 4/5 lagg_a@family_k8_h4, lagg_a@gone (not shipped) |" in row("lagg_a@gone", "lagg_a@family_k8_h4")
-    assert "| 4/5 lagg_a@family_k8_h4, lagg_a (meta-trained here) +1 |" in row(
-        "lagg_a@gone", "lagg_a@family_k8_h4", "lagg_a (meta-trained here)")
+def test_a_readme_outside_the_headlines_folder_fails_before_anything_is_written(tmp_path):
+    log_run(curves("fedavg"))
+    readme, results = pages(tmp_path / "inner")
+    outside = tmp_path / "results.md"
+    outside.write_text(results.read_text())
+    with pytest.raises(UserError, match=r"^readme=.*results.md lies outside .*inner, the folder of headline="):
+        run_report(report_cfg(readme=str(outside), headline=str(readme), report_dir=str(tmp_path / "rep")),
+                   tmp_path / "out")
+    assert "OLD HEADLINE" in readme.read_text() and "OLD NUMBERS" in outside.read_text()
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("readme_text", [None, "no markers here\n"])
@@ -303,7 +337,7 @@ def test_a_bad_readme_fails_before_anything_is_written(tmp_path, readme_text):
     if readme_text is not None:
         readme.write_text(readme_text)
     with pytest.raises(UserError, match="no such file" if readme_text is None else "has no <!-- results:begin -->"):
-        write_report(report_cfg(readme=str(readme), report_dir=str(tmp_path / "rep")), tmp_path / "out")
+        run_report(report_cfg(readme=str(readme), report_dir=str(tmp_path / "rep")), tmp_path / "out")
     assert not (tmp_path / "rep").exists() and not (tmp_path / "out").exists()
 
 
@@ -313,11 +347,11 @@ def test_an_unknown_experiment_lists_the_existing_ones_and_creates_nothing():
     before = sorted(e.name for e in client.search_experiments())
     with pytest.raises(UserError, match=r"tracking.experiment=reslts: no such experiment .*choose one of: "
                                         r"Default, results$"):
-        write_report(report_cfg(tracking={**tracking_cfg(), "experiment": "reslts"}), Path("out"))
+        run_report(report_cfg(tracking={**tracking_cfg(), "experiment": "reslts"}), Path("out"))
     assert sorted(e.name for e in client.search_experiments()) == before
 
 
 def test_a_missing_store_is_a_one_line_error_and_is_not_created():
     with pytest.raises(UserError, match="no MLflow store at .*mlflow.db"):
-        comparison.open_experiment(tracking_cfg())
+        collect.open_experiment(tracking_cfg())
     assert not Path("outputs/mlflow.db").exists()

@@ -19,7 +19,8 @@ def log_benchmark(run, result, out: Path) -> None:
     MLflow refuses non-finite values: a run that diverged keeps the finite part of its
     curves and is tagged ``diverged`` (with the round), so it never looks like missing data."""
     from lagg_pipeline import tuning
-    from lagg_pipeline.report import diverged_at, plot_curves, summary
+    from lagg_pipeline.report.plots import plot_curves
+    from lagg_pipeline.report.run_summary import diverged_at, summary
 
     rounds = np.arange(1, result.train_loss.shape[1] + 1)
     series = {"train_loss": (rounds, result.train_loss.mean(0)),
@@ -69,7 +70,8 @@ def benchmark(cfg, server_update, name: str, splits, task, *, run=None, **tags):
 
 def finish(results, out: Path, run=None) -> dict:
     """Print the summary table, save the comparison plot; return final metrics."""
-    from lagg_pipeline.report import format_summary, plot_curves, summary
+    from lagg_pipeline.report.plots import plot_curves
+    from lagg_pipeline.report.run_summary import format_summary, summary
 
     table = format_summary(results)
     print(table)

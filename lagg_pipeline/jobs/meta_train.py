@@ -134,7 +134,7 @@ def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path
     from lagg_pipeline.checkpoint import CheckpointError, CheckpointManager, save_params
     from lagg_pipeline.meta.family import meta_problem
     from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
-    from lagg_pipeline.report import plot_meta_loss
+    from lagg_pipeline.report.plots import plot_meta_loss
 
     manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
     trainer = MetaTrainer(cfg, *meta_problem(cfg, splits, task), aggregator)

@@ -1,0 +1,88 @@
+"""Render, for the README: one row per comparison, built from the judgements (never from the
+page's sentences). Each row names what it is judged against, the aggregator the outer-valid verdict
+chose and that one's test scorecard (k/N per criterion), and the best of any learned row on test;
+a second table holds the verdicts against FedAvg alone."""
+from __future__ import annotations
+
+import re
+
+from lagg_pipeline.report.judge import Judged, Judgement, Verdict
+from lagg_pipeline.report.page import against, time_cell, title
+from lagg_pipeline.report.recommend import choose, rank
+
+HEADER = ("| comparison | judged against | chosen on outer-valid | holds on test | (1) train loss below every "
+          "baseline's | (2) test accuracy within 0.5 pt of the best | (3) test loss within 10% of the best | (4) "
+          "rounds to the best's final test accuracy (× fastest baseline) | best of any on test |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def shipped_label(name: str) -> str:
+    """A shipped aggregator's label (variant@name) whose file the package no longer holds is marked, so
+    the README never points at something a user cannot run."""
+    from lagg_pipeline import pretrained
+
+    shipped = {f"{variant}@{file}" for variant, file in pretrained.available()}
+    return f"{name} (not shipped)" if re.fullmatch(r"\w+@\w+", name) and name not in shipped else name
+
+
+def _counts(v: Verdict) -> list[str]:
+    return [f"**{int(c.ok.sum())}/{len(c.ok)}**" if c.ok.all() else f"{int(c.ok.sum())}/{len(c.ok)}"
+            for c in (v.checks[k] for k in ("train", "accuracy", "loss"))]
+
+
+def _row(link: str, versus: str, chosen: str, test: list[Verdict]) -> str:
+    """One comparison: the chosen row's test scorecard and the best test verdict of any row."""
+    mine = next((v for v in test if v.name == chosen.split(" (")[0]), None)
+    best = max(test, key=rank)
+    if mine is None:
+        return f"| {link} | {versus} | {chosen} | not judged on test | — | — | — | — | — |"
+    best_counts = ", ".join(f"{int(c.ok.sum())}/{len(c.ok)}" for c in best.checks.values())
+    return (f"| {link} | {versus} | {chosen} | {'yes' if mine.holds else 'no'} | "
+            + " | ".join(_counts(mine)) + f" | {time_cell(mine)} | {shipped_label(best.name)} ({best_counts}) |")
+
+
+def _choice(valid: Judgement) -> str | None:
+    """The label of the row the outer-valid verdict ranks first: a shipped one, else any learned one (said)."""
+    if shipped := choose(valid):
+        return shipped_label(shipped.name)
+    best = choose(valid, shipped_only=False)
+    return f"{best.name} (none shipped ran)" if best else None
+
+
+def headline(judged: list[Judged], link: str) -> str:
+    """The README's tables; ``link``: the Results page relative to the README."""
+    every, alone = [HEADER], ["Against FedAvg alone (the goal on tasks outside the meta-training family):", "",
+                              HEADER]
+    for j in judged:
+        chosen = _choice(j.valid)
+        if chosen is None or not j.test.verdicts:
+            continue
+        cell = f"[{j.key.title}]({link}#{anchor(title(j))})"
+        every.append(_row(cell, against(j.test), chosen, j.test.verdicts))
+        if j.test.alone:
+            versus = f"{j.test.alone[0].fedavg_alone} FedAvg ({len(j.test.alone[0].against)} row" + \
+                     ("s)" if len(j.test.alone[0].against) > 1 else ")")
+            alone.append(_row(cell, versus, chosen, j.test.alone))
+    return "\n".join(every + ([""] + alone if len(alone) > 3 else []))
+
+
+def shipped_table() -> str:
+    """The shipped aggregators, from their own metadata: settings, length and cost of meta-training."""
+    from lagg_pipeline import pretrained
+
+    lines = ["| optimizer | pretrained= | task | K | H | γ | clients | meta-loss | start | outer steps | meta-training "
+             "| re-create |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (variant, name), file in pretrained.available().items():
+        m = pretrained.metadata(file)
+        seconds = m.get("meta_train_seconds")
+        minutes = f"{seconds / 60:.0f} min" if seconds else "?"
+        lines.append(f"| {variant} | `{name}` | {m.get('task')} | {m.get('num_grads')} | {m.get('num_local_steps')} | "
+                     f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {pretrained.meta_loss_label(m)} | "
+                     f"{m.get('meta_init', 'random')} | {m.get('outer_steps')} | "
+                     f"{minutes} | `{m.get('command', '?')}` |")
+    return "\n".join(lines)

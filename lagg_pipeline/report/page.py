@@ -1,0 +1,172 @@
+"""Render, in tables: per group a scorecard on the test split, the outer-valid scorecard (the split
+choices are made on), the held-out table, the time to target, the verdict sentences and a plot."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lagg_pipeline.report import sentences
+from lagg_pipeline.report.judge import TRAIN_TAIL, Check, Judged, Judgement, Stats, Verdict, finite_baselines
+from lagg_pipeline.report.plots import plot_group
+from lagg_pipeline.report.recommend import choose, time_ratio
+
+SPLITS = ("Which split decides what (SPEC 5): *train* drives the inner optimisation; *outer-valid* tuned the "
+          "baselines and is the split every choice among learned aggregators reads (the validation verdict, "
+          "`make recommend`); *inner-valid* is free for a meta-objective; *test* is read by this report and nothing "
+          "else, so every claim below reads the test split. Outer-valid numbers appear as the split a method was "
+          "chosen (or tuned) on.")
+TABLE_ROUNDS = (100, 250)  # besides the last evaluation
+
+
+def title(j: Judged) -> str:
+    return f"{j.key.title}: {j.key.rounds} rounds, {'/'.join(map(str, j.seeds))} seeds"
+
+
+def image_name(j: Judged) -> str:
+    from lagg_pipeline.data.partition import partition_slug
+
+    k = j.key
+    return f"{k.task}_K{k.K}_H{k.H}_B{k.B}_R{k.rounds}{partition_slug(k.partition)}.png"
+
+
+def fmt(values: np.ndarray) -> str:
+    if not len(values):
+        return "diverged"
+    mean = float(np.mean(values))
+    return f"{mean:.4g} ± {float(np.std(values)):.2g}" if np.isfinite(mean) else "diverged"
+
+
+def seeds_cell(s: Stats) -> str:
+    if not s.diverged:
+        return str(s.seeds)
+    return f"{s.seeds}, {s.diverged} diverged" + (" (against it)" if s.curves.learned else " †")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def against(j: Judgement) -> str:
+    """How many baselines a verdict is judged against, and whether they are tuned."""
+    tuned = sum(s.curves.tuned for s in j.reference)
+    if len(j.reference) == 1:
+        return f"{'tuned' if tuned else 'untuned'} {j.reference[0].curves.optimizer} only"
+    return f"{len(j.reference)} tuned baselines" if tuned == len(j.reference) else \
+        f"{len(j.reference)} baselines ({tuned} tuned)"
+
+
+def count_cell(check: Check, judged: np.ndarray, key: str) -> str:
+    """'k/N' (bold when N/N), with the first and the worst miss."""
+    k, n = int(check.ok.sum()), len(check.ok)
+    if k == n:
+        return f"**{k}/{n}**"
+    missed = np.flatnonzero(~check.ok)
+    worst = missed[np.argmax(np.nan_to_num(check.excess[missed], nan=np.inf))]
+    return (f"{k}/{n}: first r{judged[missed[0]]} ({_miss(check, missed[0], key)}), "
+            f"worst r{judged[worst]} ({_miss(check, worst, key)})")
+
+
+def _miss(check: Check, i: int, key: str) -> str:
+    """By how much evaluation ``i`` missed: points below for accuracy, × the best for losses."""
+    if not np.isfinite(check.mine[i]):
+        return "diverged"
+    return f"{(check.best[i] - check.mine[i]) * 100:.2g} pt below" if key == "accuracy" else f"{check.excess[i]:.3g}×"
+
+
+def time_cell(v: Verdict) -> str:
+    ratio = time_ratio(v)
+    target = v.targets["accuracy"]
+    rounds = target.reached.get(v.name)
+    return f"{rounds} ({ratio:.2g}×)" if rounds and np.isfinite(ratio) else str(rounds or "never")
+
+
+def scorecard(j: Judgement, chosen: str | None = None) -> list[str]:
+    """One row per judged method: k/N per criterion with first and worst miss, time to target, diverged
+    seeds, and what it is judged against; ``chosen`` is marked."""
+    if not j.verdicts:
+        return []
+    metric = sentences.METRIC_NAMES[j.split]
+    header = ["method", "holds", "(1) train loss below every baseline's", f"(2) {metric} accuracy within 0.5 pt",
+              f"(3) {metric} loss within 10%", f"(4) rounds to {j.targets['accuracy'].owner}'s final {metric} "
+              f"accuracy (× fastest baseline)", "diverged seeds", "judged against"]
+    by_name = {s.name: s for s in j.rows}
+    rows = []
+    for v in [*j.verdicts, *j.alone]:
+        s = by_name[v.name]
+        name = f"**{v.name}**" + (" (chosen)" if v.name == chosen and not v.fedavg_alone else "")
+        versus = sentences.AGAINST[v.fedavg_alone].strip(", ") or against(j)
+        rows.append([name, "yes" if v.holds else "no",
+                     *(count_cell(v.checks[k], v.judged, k) for k in ("train", "accuracy", "loss")),
+                     time_cell(v), f"{s.diverged}/{s.seeds}", versus])
+    return table(header, rows)
+
+
+def held_out_table(j: Judgement) -> list[str]:
+    """Test accuracy and loss at rounds 100, 250 and the last; train loss; outer-valid beside test."""
+    last = int(j.rounds[-1])
+    marks = sorted({int(j.rounds[np.argmax(j.rounds >= m)]) for m in TABLE_ROUNDS if (j.rounds >= m).any()} - {last})
+    marks.append(last)
+    header = ["method", "settings", "seeds", *(f"test acc r{m}" for m in marks), *(f"test loss r{m}" for m in marks),
+              f"train loss (last {TRAIN_TAIL} rounds)", f"outer-valid loss r{last} (the split it was chosen on)",
+              f"gap r{last}: test − outer-valid"]
+    at = lambda s, metric, m: fmt(getattr(s, metric)[:, int(np.searchsorted(s.rounds, m))]) if m in s.rounds else "—"
+    rows = []
+    for s in j.rows:
+        tuned = "" if s.curves.learned or s.curves.tuned else " (untuned)"
+        rows.append([f"**{s.name}**" if s.curves.learned else s.name + tuned, s.curves.settings, seeds_cell(s),
+                     *(at(s, "test_accuracy", m) for m in marks), *(at(s, "test_loss", m) for m in marks),
+                     fmt(s.train[:, -TRAIN_TAIL:].mean(axis=1)), fmt(s.outer_valid[:, -1]),
+                     fmt(s.test_loss[:, -1] - s.outer_valid[:, -1])])
+    return table(header, rows)
+
+
+def target_table(j: Judgement) -> list[str]:
+    """Rounds to the best baseline's final accuracy and train loss, and the ratio to the fastest baseline."""
+    if not j.targets:
+        return []
+    header, columns = ["method"], []
+    metric = sentences.METRIC_NAMES[j.split]
+    for kind, what in (("accuracy", f"{metric} accuracy"), ("train", "train loss")):
+        target = j.targets[kind]
+        header += [f"rounds to {target.owner}'s final {what} {target.value:.4g}", "× fastest baseline"]
+        columns.append((target.reached, target.reached[target.fastest] if target.fastest else None))
+    horizon = j.rows[0].train.shape[1]
+    cells = lambda reached, fastest, name: ((str(reached[name]), f"{reached[name] / fastest:.2g}" if fastest else "—")
+                                            if reached.get(name) else (f"> {horizon}", "—"))
+    rows = [[f"**{s.name}**" if s.curves.learned else s.name,
+             *(cell for reached, fastest in columns for cell in cells(reached, fastest, s.name))]
+            for s in j.rows if s.name in columns[0][0]]
+    return table(header, rows)
+
+
+def section(j: Judged, image_prefix: str) -> list[str]:
+    """One group's part of the page (its plot: ``image_prefix`` + :func:`image_name`)."""
+    chosen = choose(j.valid)
+    picked = f"; **{chosen.name}** ranks first among the shipped aggregators (what `make recommend` reads)" \
+        if chosen else ""
+    valid_card = scorecard(j.valid, chosen.name if chosen else None)
+    targets = target_table(j.test)
+    return [f"### {title(j)}", "", f"Scorecard on the test split, judged against {against(j.test)}:"
+            if j.test.reference else "No baseline with a finite seed.", "",
+            *scorecard(j.test, chosen.name if chosen else None), "",
+            f"![{title(j)}]({image_prefix}{image_name(j)})", "",
+            *([f"On the outer-valid split, the split the choice was made on{picked}:", "", *valid_card, ""]
+              if valid_card else []),
+            *held_out_table(j.test), "",
+            *(["Time to target (rounds; the best baseline's final value):", "", *targets, ""] if targets else []),
+            *sentences.lines(j.test), ""]
+
+
+def plot(judged: list[Judged], out: Path) -> list[Path]:
+    """One plot per group, into ``out``."""
+    return [plot_group(j.test, title(j), out / image_name(j)) for j in judged]
+
+
+def markdown(judged: list[Judged], image_prefix: str = "", notes: Sequence[str] = ()) -> str:
+    """The report's markdown; the plots lie under ``image_prefix``."""
+    parts = [SPLITS, "", *(f"> {note}" for note in notes), *([""] if notes else [])]
+    for j in judged:
+        parts += section(j, image_prefix)
+    return "\n".join(parts)
