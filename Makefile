@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast test-slow sweep ui bench bench-scaling bench-profile bench-xla bench-compare tune tune-extend tune-federated results results-federated report clean
+.PHONY: help install install-dev run test test-fast test-slow sweep ui bench bench-scaling bench-profile bench-xla bench-compare tune tune-extend tune-federated results results-federated report recommend clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -118,6 +118,9 @@ results-federated: install ## the heterogeneous-clients comparison (MNIST-1D, Di
 report: install ## the comparison report of the "results" experiment: docs/results.md and the README's headline
 	$(PY) -m lagg_pipeline mode=report tracking.experiment=results report_dir=docs/results readme=docs/results.md \
 		headline=README.md
+
+recommend: install ## regenerate pretrained/recommended.yaml from the outer-valid verdict of the "results" experiment
+	$(PY) -m lagg_pipeline mode=recommend tracking.experiment=results
 
 clean: ## remove outputs, caches and build files (keeps .venv)
 	rm -rf outputs multirun build dist *.egg-info .pytest_cache

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 from lagg_pipeline.errors import ConfigError  # noqa: F401  (the schema's modules import it from here)
 
-MODES = ("auto", "benchmark", "meta_train", "import_legacy", "select_tuned", "report")
+MODES = ("auto", "benchmark", "meta_train", "import_legacy", "select_tuned", "report", "recommend")
 HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "fedadam", "fedyogi")
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
 MODELS = ("mlp", "conv")
@@ -130,7 +130,7 @@ class Config:
     checkpoint_dir: Optional[str] = None  # default outputs/checkpoints/<meta-run name>
     legacy_path: Optional[str] = None
     output_path: Optional[str] = None
-    # mode=report / mode=select_tuned
+    # mode=report / mode=select_tuned / mode=recommend
     report_dir: Optional[str] = None  # also write the report here (e.g. docs/results)
     readme: Optional[str] = None  # splice the report's tables into this file's Results markers
     headline: Optional[str] = None  # and a short table of their verdicts into this file's headline markers

@@ -157,3 +157,13 @@ def test_every_relative_link_resolves(page):
 
 def test_the_readme_fits_on_a_few_screens():
     assert len((REPO / "README.md").read_text().splitlines()) <= 150
+
+
+def test_setup_cfg_lists_every_package():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    found = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed

@@ -355,3 +355,69 @@ def test_a_missing_store_is_a_one_line_error_and_is_not_created():
     with pytest.raises(UserError, match="no MLflow store at .*mlflow.db"):
         collect.open_experiment(tracking_cfg())
     assert not Path("outputs/mlflow.db").exists()
+
+
+def test_runs_at_another_batch_size_are_their_own_group():
+    log_run(curves("fedavg"))
+    log_run(curves("lagg_a@x", train=0.5), params={"pretrained": "x"}, batch=256)
+    groups = collected()
+    assert sorted((k.B, [c.method for c in rows]) for k, rows in groups.items()) == [(128, ["fedavg"]),
+                                                                                      (256, ["lagg_a@x"])]
+    assert "B=256" in page_tables.title(judge.judge_groups(groups)[1])
+
+
+def test_against_fedavg_alone_survives_several_fedavg_rows_and_reads_the_tuned_one():
+    log_run(curves("fedavg", test_loss=0.30, accuracy=0.90))  # lr 0.5: the tuned value
+    log_run(curves("fedavg", test_loss=0.20, accuracy=0.97), params={"local_learning_rate": 2.0})  # untuned
+    log_run(curves("fedadam", train=1.2, test_loss=0.25, accuracy=0.95))
+    log_run(curves("lagg_a@x", train=0.5, test_loss=0.32, accuracy=0.90), params={"pretrained": "x"})
+    group = judged()
+    (v,) = group.test.alone
+    assert v.fedavg_alone == "tuned" and v.against == ["fedavg (local_learning_rate=0.5)"]
+    assert line_of(group, "lagg_a@x").startswith("- **lagg_a@x** does not hold")
+    assert [l for l in lines(group) if l.startswith("- **lagg_a@x**, against tuned FedAvg alone, holds")]
+    assert page_tables.against(group.test) == "3 baselines (2 tuned)"
+    assert "| fedavg (local_learning_rate=2.0) (untuned) |" in "\n".join(page_tables.held_out_table(group.test))
+
+
+def test_an_untuned_fedavg_is_never_called_tuned():
+    log_run(curves("fedavg", test_loss=0.30, accuracy=0.90), params={"local_learning_rate": 2.0})
+    log_run(curves("fedadam", train=1.2, test_loss=0.25, accuracy=0.95))
+    log_run(curves("lagg_a@x", train=0.5, test_loss=0.32, accuracy=0.90), params={"pretrained": "x"})
+    group = judged()
+    assert [l for l in lines(group) if l.startswith("- **lagg_a@x**, against FedAvg alone (untuned), holds")]
+    assert not [l for l in lines(group) if "tuned FedAvg" in l]
+    table = headline.headline([group], "r.md")
+    assert "| untuned FedAvg (1 row) |" in table and "| 2 baselines (1 tuned) |" in table
+
+
+def test_a_sparse_row_does_not_shrink_the_evaluations_the_others_are_judged_at():
+    log_run(curves("fedavg", every=50))
+    log_run(curves("slowmo", every=50, train=1.1))
+    log_run(curves("fedadam", every=100, train=1.2))  # a sparse baseline: left out of the reference, said so
+    log_run(curves("lagg_a@x", every=50, train=0.5), params={"pretrained": "x"})
+    log_run(curves("lopt_a@y", every=100, train=0.5), params={"pretrained": "y"})  # a sparse learned row
+    group = judged()
+    np.testing.assert_array_equal(group.test.rounds, [50, 100, 150, 200, 250, 300])
+    assert [s.name for s in group.test.reference] == ["fedavg", "slowmo"]
+    judged_at = {v.name: v.judged.tolist() for v in group.test.verdicts}
+    assert judged_at == {"lagg_a@x": [100, 150, 200, 250, 300], "lopt_a@y": [100, 200, 300]}
+    assert ("- fedadam: evaluated at 3 rounds, where the other baselines share 6: left out of the reference so that "
+            "it shrinks nobody's evaluations.") in lines(group)
+
+
+def test_collect_skips_a_run_missing_a_tag_or_a_curve_key_with_a_warning(monkeypatch):
+    log_run(curves("fedavg"))
+    untagged = log_run(curves("fedadam"))
+    client, _ = tracking.client(tracking_cfg())
+    client.delete_tag(untagged.run_id, "seed")
+    real = np.savez
+    monkeypatch.setattr(np, "savez", lambda path, **arrays: real(path, **{k: v for k, v in arrays.items()
+                                                                         if k != "test_loss"}))
+    partial = log_run(curves("slowmo"))
+    warnings = []
+    (rows,) = collected(warnings.append).values()
+    assert [c.method for c in rows] == ["fedavg"]
+    assert warnings == [f"warning: run {untagged.run_id} (fedadam) lacks seed: left out of the report",
+                        f"warning: run {partial.run_id} (slowmo, seed 0) is finished but its curves lack test_loss: "
+                        f"left out of the report"]

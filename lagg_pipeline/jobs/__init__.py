@@ -30,6 +30,10 @@ def run_job(cfg):
         from lagg_pipeline.jobs.report import report_job
 
         return report_job(cfg)
+    if cfg.mode == "recommend":
+        from lagg_pipeline.jobs.recommend import recommend_job
+
+        return recommend_job(cfg)
     splits, task = prepare(cfg)
     from lagg_pipeline.jobs import benchmark
 

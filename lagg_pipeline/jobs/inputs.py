@@ -35,7 +35,7 @@ def refuse_unused_keys(cfg) -> None:
 def check_data(cfg) -> None:
     """Every dataset the job reads (its task's and, for a family, each member's) is readable here:
     a public one that is not prepared stops the job before anything is written (UserError)."""
-    if cfg.mode in ("report", "select_tuned"):
+    if cfg.mode in ("report", "select_tuned", "recommend"):
         return
     from lagg_pipeline.data.splits import DataUnavailableError, require_available
 

@@ -46,6 +46,9 @@ def _counts(v: Verdict) -> dict:
 def entries(judgements: dict[GroupKey, Judgement]) -> list[dict]:
     """recommended.yaml's entries: per (task, K, H) the i.i.d. group with the most rounds (then rows), and in it
     per variant the shipped row that ranks first on outer-valid, the best overall first."""
+    from lagg_pipeline import pretrained
+
+    available = {f"{variant}@{name}" for variant, name in pretrained.available()}  # retired files are no choice
     chosen: dict[tuple, GroupKey] = {}
     for key in judgements:
         if key.partition == "iid":
@@ -55,7 +58,7 @@ def entries(judgements: dict[GroupKey, Judgement]) -> list[dict]:
     found = []
     for key in chosen.values():
         j = judgements[key]
-        shipped = {s.name: s.curves.shipped for s in j.rows if s.curves.shipped}
+        shipped = {s.name: s.curves.shipped for s in j.rows if s.curves.shipped in available}
         ranked = sorted((v for v in j.verdicts if v.name in shipped), key=rank, reverse=True)
         seen = set()
         for v in ranked:
