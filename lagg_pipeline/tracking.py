@@ -6,9 +6,11 @@ With no ``MLFLOW_TRACKING_URI`` (and no ``tracking.uri``) runs go to a local sql
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -203,7 +205,26 @@ def _client_and_experiment(tracking_cfg):
         LOCAL_STORE.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    return client, _retrying(lambda: _experiment_id(client, uri, tracking_cfg.experiment))
+    with store_lock(uri):  # the first access creates a fresh store's tables
+        return client, _retrying(lambda: _experiment_id(client, uri, tracking_cfg.experiment))
+
+
+@contextmanager
+def store_lock(uri: str):
+    """Held while a job first touches a SQLite store: creating its tables is not atomic, so two jobs
+    started together on a fresh store both tried (``alembic_version already exists``). Other stores
+    need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///"):] + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _experiment_id(client, uri: str, name: str) -> str:

@@ -282,7 +282,7 @@ def test_benchmark_over_heterogeneous_clients_is_recorded_and_reported():
     assert run.info.run_name.endswith("dirichlet(alpha=0.1, M=64)")
     assert 0.3 < run.data.metrics["partition_mean_dominant_class_fraction"] < 1.0
     report = cli("mode=report", "tracking.experiment=results", "report_dir=rep")
-    assert "mnist1d_mlp, K=8, H=4, clients: dirichlet(alpha=0.1, M=64): 20 rounds, 2 seeds" in report.stdout
+    assert "mnist1d_mlp, K=8, H=4, B=128, clients: dirichlet(alpha=0.1, M=64): 20 rounds, 2 seeds" in report.stdout
     assert Path("rep/mnist1d_mlp_K8_H4_R20_dirichlet_alpha0.1_M64.png").is_file()
 
 
@@ -303,13 +303,13 @@ def test_tune_select_apply_and_report(tmp_path):
     cli("optimizer=fedadam", "tuned_dir=tuned", "tracking.experiment=results", *TINY_BENCH)
     Path("README.md").write_text("# x\n<!-- results:begin -->\n<!-- results:end -->\n")
     report = cli("mode=report", "tracking.experiment=results", "report_dir=rep", "readme=README.md")
-    assert "### digits_mlp, K=8, H=4: 20 rounds, 2 seeds" in report.stdout
-    assert f"| fedavg | local_learning_rate={best} |" in Path("rep/report.md").read_text()
-    assert Path("rep/digits_mlp_K8_H4_R20.png").exists()
-    assert "(rep/digits_mlp_K8_H4_R20.png)" in Path("README.md").read_text()
+    assert "### digits_mlp, K=8, H=4, B=128: 20 rounds, 2 seeds" in report.stdout
+    assert f"| fedavg | local_learning_rate={best} |" in Path("rep/report.md").read_text()  # tuned: no mark
+    assert Path("rep/digits_mlp_K8_H4_B128_R20.png").exists()
+    assert "(rep/digits_mlp_K8_H4_B128_R20.png)" in Path("README.md").read_text()
     Path("HEAD.md").write_text("# x\n<!-- headline:begin -->\n<!-- headline:end -->\n")
     cli("mode=report", "tracking.experiment=results", "readme=README.md", "headline=HEAD.md")
-    assert "| comparison | holds on the test split | (1) train loss below every baseline's |" in Path("HEAD.md").read_text()
+    assert "| comparison | judged against | chosen on outer-valid | holds on test |" in Path("HEAD.md").read_text()
 
 
 def test_optuna_sweep_minimises_the_outer_valid_loss_over_an_interval():

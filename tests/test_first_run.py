@@ -48,3 +48,17 @@ def _client():
     from lagg_pipeline import tracking
 
     return tracking.client(OmegaConf.create({"enabled": True, "uri": None, "experiment": "lagg_pipeline"}))
+
+
+def test_ui_with_an_unknown_experiment_lists_the_existing_ones_and_creates_nothing(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lagg_pipeline import tracking, ui
+
+    client, _ = tracking.client(OmegaConf.create({"enabled": True, "uri": None, "experiment": "results"}))
+    before = sorted(e.name for e in client.search_experiments())
+    monkeypatch.setattr(ui.os, "execvpe", lambda *args: pytest.fail("served a typo"))
+    with pytest.raises(SystemExit, match=r"^--experiment reslts: no such experiment in sqlite:.*; choose one of: "
+                                         r"Default, results$"):
+        ui.main(["--experiment", "reslts"])
+    assert sorted(e.name for e in client.search_experiments()) == before

@@ -65,3 +65,29 @@ def test_a_run_ending_while_the_store_is_down_says_so_instead_of_failing(capsys)
     out = capsys.readouterr().out
     assert f"metrics still in {run.pending_file}" in out and "still shows it as running" in out
     assert store.status is None and run.pending_file.exists()
+
+
+def test_a_fresh_sqlite_store_is_created_under_a_lock(tmp_path, monkeypatch):
+    """Two jobs started together on a fresh store raced on its tables (alembic_version already exists):
+    whoever touches it first holds a lock beside it that every other job waits for."""
+    import fcntl
+
+    from omegaconf import OmegaConf
+
+    from lagg_pipeline import tracking
+
+    db = tmp_path / "mlflow.db"
+    held = []
+
+    def creating(client, uri, name):
+        with open(f"{db}.lock", "w") as other:  # another job's attempt at the same moment
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return "0"
+
+    monkeypatch.setattr(tracking, "_experiment_id", creating)
+    tracking.client(OmegaConf.create({"enabled": True, "uri": f"sqlite:///{db}", "experiment": "x"}))
+    assert held == [True]

@@ -48,11 +48,13 @@ def settings_of(run) -> dict[str, str]:
 
 def ran_tuned(run) -> bool:
     """Whether a baseline run used the tuned values recorded for its task, K, H and clients (as
-    they are now): its params hold every one of them. A run at other values is no tuned baseline."""
+    they are now, in the run's ``tuned_dir`` or the package's): its params hold every one of them.
+    A run at other values is no tuned baseline."""
     from lagg_pipeline import tuning
 
     params, tags = run.data.params, run.data.tags
-    entry = tuning.lookup(tags["task"], tags["optimizer"], int(tags["H"]), int(tags["K"]), None,
+    root = Path(params["tuned_dir"]) if params.get("tuned_dir") not in (None, "None") else None
+    entry = tuning.lookup(tags["task"], tags["optimizer"], int(tags["H"]), int(tags["K"]), root,
                           tags.get("partition", "iid"))
     return entry is not None and all(_same(params.get(k), v) for k, v in entry["values"].items())
 
