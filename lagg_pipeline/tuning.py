@@ -26,7 +26,6 @@ from omegaconf import OmegaConf
 from lagg_pipeline.data.partition import partition_label, partition_slug
 
 TUNED_ROOT = "tuned_hparams"  # under the config package (not "tuned": that is a config key)
-SELECTION_METRIC = "selection_outer_valid_loss"
 DIVERGED_SEEDS = "diverged_seeds"
 SELECTION_FROM_ROUND = 100  # the verdict's window: a setting must be good along the curve, not at one round
 DIVERGENCE_FACTOR = 10.0  # a loss this many times the first round's has blown up, even if it comes back
@@ -101,12 +100,23 @@ def diverged_seeds(result) -> int:
     return int((bad(result.train_loss) | bad(result.outer_valid_loss)).sum())
 
 
-def selection_score(result) -> float:
-    """The mean over evaluations from round SELECTION_FROM_ROUND (a run shorter than that: from its
-    first evaluation after round 0) of the seed-mean outer-valid loss; non-finite if a seed diverged."""
-    rounds = result.eval_rounds
-    judged = rounds >= min(SELECTION_FROM_ROUND, rounds[rounds > 0].min())
-    return float(result.outer_valid_loss[:, judged].mean())
+def selection_score(eval_rounds, outer_valid_loss_E) -> float:
+    """The mean of the seed-mean outer-valid loss over evaluations from round SELECTION_FROM_ROUND (a
+    run shorter than that: from its first evaluation after round 0); non-finite if a seed diverged."""
+    rounds, loss_E = np.asarray(eval_rounds), np.asarray(outer_valid_loss_E, dtype=float)
+    if len(rounds) != len(loss_E) or not (rounds > 0).any():
+        return float("nan")  # a curve MLflow kept only in part (non-finite values are not logged)
+    start = SELECTION_FROM_ROUND if rounds.max() >= SELECTION_FROM_ROUND else rounds[rounds > 0].min()
+    return float(loss_E[rounds >= start].mean())
+
+
+def score_of(client, run, num_rounds: int) -> float:
+    """:func:`selection_score` of a logged run, from its outer-valid curve (NaN where it is incomplete)."""
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "outer_valid_loss"))
+    if not history or history[-1][0] != num_rounds:
+        return float("nan")
+    rounds, values = zip(*history)
+    return selection_score(rounds, values)
 
 
 def budget(run) -> tuple[int, int, int]:
@@ -153,8 +163,9 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
         if not keys:
             continue
         points = grid_points(members, keys)
-        scored = [(r.data.metrics[SELECTION_METRIC], point, r) for point, r in points.items()
-                  if SELECTION_METRIC in r.data.metrics and r.data.metrics.get(DIVERGED_SEEDS, 0) == 0]
+        scored = [(score_of(client, r, budget(r)[0]), point, r) for point, r in points.items()
+                  if r.data.metrics.get(DIVERGED_SEEDS, 0) == 0]
+        scored = [item for item in scored if np.isfinite(item[0])]
         if not scored:
             continue
         score, best_point, best = min(scored, key=lambda item: item[0])

@@ -34,9 +34,8 @@ def log_benchmark(run, result, out: Path) -> None:
     for name, (mean, std) in summary(result).items():
         series[f"final_{name}"] = ([0], [mean])
         series[f"final_{name}_std"] = ([0], [std])
+    series[tuning.DIVERGED_SEEDS] = ([0], [tuning.diverged_seeds(result)])  # the tuning never picks such a point
     run.log_metrics(series)
-    run.log_metrics({tuning.DIVERGED_SEEDS: ([0], [tuning.diverged_seeds(result)]),
-                     tuning.SELECTION_METRIC: ([0], [tuning.selection_score(result)])})  # non-finite: not logged
     first_bad = diverged_at(result)
     run.set_tags({"diverged": first_bad is not None, **({"diverged_at_round": first_bad} if first_bad else {})})
     np.savez(out / f"{result.name}_curves.npz", **{k: v for k, v in result._asdict().items() if k != "name"})
