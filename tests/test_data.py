@@ -193,6 +193,25 @@ def test_split_sizes_registry():
     assert split_sizes("fashion_mnist") == {"train": 48000, "inner_valid": 6000, "outer_valid": 6000,
                                             "test": 10000}
     assert split_sizes("digits") == {"train": 1150, "inner_valid": 143, "outer_valid": 145, "test": 359}
+    assert split_sizes("mnist1d_large") == {"train": 44800, "inner_valid": 5600, "outer_valid": 5600, "test": 14000}
+
+
+@pytest.mark.slow
+def test_mnist1d_large_is_the_same_generator_at_70000_signals(tmp_path):
+    """The paper's data regime: the pinned generator's own 80/20 split at 70,000 signals (~1 min to prepare)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    splits = load_splits("mnist1d_large", data_dir=str(tmp_path))
+    assert {s: len(getattr(splits, s).y) for s in SPLIT_NAMES} == split_sizes("mnist1d_large")
+    args = get_dataset_args()
+    args.num_samples = 70_000
+    data = make_dataset(args)
+    np.testing.assert_array_equal(_np(splits.test)[0], data["x_test"].astype(np.float32))
+    parts = [_np(getattr(splits, s)) for s in ("train", "inner_valid", "outer_valid")]
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), data["x"].astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), data["y"])
+    small = load_splits("mnist1d")  # a different draw, not a superset: the generator shuffles the whole set
+    assert not np.array_equal(_np(splits.test)[0][:100], _np(small.test)[0][:100])
 
 
 def test_image_size_resizes_mnist5k(mnist5k):
