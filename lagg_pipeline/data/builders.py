@@ -112,7 +112,7 @@ class Mnist1d(_EmbeddedBuilder):
 class Mnist1dLarge(Mnist1d):
     """MNIST-1D generated at 70,000 signals (same generator, transforms, seed 42 and
     standardisation): 56,000 train and 14,000 test. The paper's data regime: 1000 rounds of
-    K=8, H=4, B=128 are ~73 epochs of its training split (Fashion-MNIST in the paper: ~85),
+    K=8, H=4, B=128 are ~91 epochs of its 44,800-example train split (Fashion-MNIST in the paper: ~85),
     where the 10,000-signal version is trained for ~640. Preparing it takes about a minute."""
 
     NUM_SAMPLES = 70_000
