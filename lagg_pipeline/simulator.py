@@ -106,22 +106,39 @@ def draw_round(train, key: jax.Array, counter, num_grads: int, num_local_steps: 
     return x, y, next_counter(counter, count, train.y.shape[0])
 
 
+def stream_size(train: Split | episode_split.EpisodePool) -> int:
+    """Examples the training stream cycles over: the split's, or an episode's training part of a pool."""
+    if isinstance(train, episode_split.EpisodePool):
+        return episode_split.sizes(train.y.shape[0])[0]
+    return train.y.shape[0]
+
+
+def round_indices(train: Split | episode_split.EpisodePool, key: jax.Array, counter: jax.Array, count: int):
+    """Indices into ``train`` of the stream's examples counter .. counter + count - 1 (draw_round's)."""
+    if isinstance(train, episode_split.EpisodePool):
+        return episode_split.train_indices(train.y.shape[0], key, counter, count)
+    return stream_indices(key, counter, count, train.y.shape[0])
+
+
 def make_round_step(task, server_update, *, num_grads: int, num_local_steps: int,
                     local_batch_size: int, local_learning_rate: float):
-    """``step(state, train_split) -> (state, train_loss)``: sample one round's batches on the
-    device, run the clients, apply the server update. Pure, so it can sit inside scan and
-    vmap; the split is an argument so that jit never embeds a dataset as a constant."""
+    """``step(state, train_split, idx=None) -> (state, train_loss)``: sample one round's batches
+    on the device, run the clients, apply the server update. Pure, so it can sit inside scan and
+    vmap; the split is an argument so that jit never embeds a dataset as a constant. ``idx``:
+    the round's :func:`round_indices` when the caller drew them already (PES draws them once
+    per antithetic pair, whose members share a data stream)."""
     client_round = make_client_round(task.loss, local_learning_rate, server_update.client)
     local_sgd = make_local_sgd(task.loss, local_learning_rate)
     count = round_size(num_grads, num_local_steps, local_batch_size)
 
-    def step(state: RoundState, train_split):
-        if server_update.client == LOCAL_SGD and isinstance(train_split, Split):
+    def step(state: RoundState, train_split, idx=None):
+        if server_update.client == LOCAL_SGD and not isinstance(train_split, ClientSplit):
             # draw_round's examples, each local step gathering its own (see make_local_sgd)
-            idx = stream_indices(state.data_key, state.data_counter, count, train_split.y.shape[0])
+            if idx is None:
+                idx = round_indices(train_split, state.data_key, state.data_counter, count)
             idx_HxKxB = jnp.swapaxes(idx.reshape(num_grads, num_local_steps, local_batch_size), 0, 1)
             deltas_K, train_loss = local_sgd(state.params, idx_HxKxB, lambda i: (train_split.x[i], train_split.y[i]))
-            counter = next_counter(state.data_counter, count, train_split.y.shape[0])
+            counter = next_counter(state.data_counter, count, stream_size(train_split))
         else:
             x, y, counter = draw_round(train_split, state.data_key, state.data_counter, num_grads,
                                        num_local_steps, local_batch_size)

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from omegaconf import OmegaConf
 
 from lagg_pipeline.aggregators.learned import LearnedAggregator
@@ -222,3 +223,55 @@ def test_meta_loss_batch_stream_is_keyed_apart_from_every_client_stream(monkeypa
     (key,) = used
     taken = [jax.random.fold_in(member.data_key, m) for m in range(9)] + [member.data_key]
     assert not any(np.array_equal(key, k) for k in taken)
+
+
+def _member_alone(pes, meta_2N, state, data, rounds):
+    """Every member's rounds with each member drawing its own examples (the unroll before it drew
+    each pair's once): (normalised losses [T, 2N], member states [2N])."""
+    def body(members, _):
+        return jax.vmap(lambda m, s: pes._round(m, s, data))(meta_2N, members)
+
+    members, losses = jax.jit(lambda r: jax.lax.scan(body, r, None, length=rounds))(state.rounds)
+    return normalize_meta_loss(losses, pes.task.num_classes), members
+
+
+@pytest.mark.parametrize("meta_loss_split", ["train", "resplit"])
+def test_pairs_drawing_their_examples_once_equal_each_member_drawing_its_own(meta_loss_split):
+    from lagg_pipeline.data.episode_split import EpisodePool
+
+    num_tasks, T = 3, 4
+    aggregator = LearnedAggregator("lagg_a", num_grads=2, hidden_size=8)
+    pes = PES(linear_task(), aggregator, num_tasks=num_tasks, trunc_length=T, pes_std=0.01, min_length=1000,
+              max_length=1001, num_grads=2, num_local_steps=2, local_batch_size=8, local_learning_rate=0.3,
+              meta_loss_split=meta_loss_split)
+    split = synthetic_split(n=64)
+    data = PESData(EpisodePool(split.x, split.y) if meta_loss_split == "resplit" else split)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    state = pes.init(theta, jax.random.PRNGKey(1), data)
+    state = state._replace(episode=Episode(jnp.zeros(num_tasks, jnp.int32), jnp.full(num_tasks, 1000, jnp.int32)))
+    eps = pes.perturbations(theta, jax.random.PRNGKey(2))
+    meta_2N = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), theta, eps)
+    after, out = jax.jit(pes.unroll)(meta_2N, state, data)
+    losses, members = _member_alone(pes, meta_2N, state, data, T)
+    np.testing.assert_array_equal(out.loss, losses)
+    for got, want in zip(jax.tree.leaves(after.rounds), jax.tree.leaves(members)):  # two programs: XLA fuses
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)  # them apart, to float32 rounding
+
+
+def test_after_resets_both_members_of_a_pair_still_read_the_stream_the_pair_drew_for():
+    """Resets give a pair a fresh stream: the members' own (key, counter) must follow it, so a
+    member running on alone draws what the unroll draws for its pair."""
+    num_tasks = 3
+    aggregator, pes = _pes(num_tasks, 6)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    state = pes.init(theta, jax.random.PRNGKey(1), DATA)
+    state = state._replace(episode=Episode(jnp.array([8, 9, 0], jnp.int32), jnp.array([10, 10, 1000], jnp.int32)))
+    meta_2N = jax.tree.map(lambda p: jnp.broadcast_to(p, (2 * num_tasks, *p.shape)), theta)
+    after, out = jax.jit(pes.unroll)(meta_2N, state, DATA)
+    assert np.asarray(out.finished[-1]).tolist() == [True, True, False]
+    for leaf in jax.tree.leaves((after.rounds.data_key, after.rounds.data_counter)):
+        np.testing.assert_array_equal(leaf[:num_tasks], leaf[num_tasks:])
+    # the rounds after the last reset, replayed member by member, give the unroll's next truncation
+    again, next_out = jax.jit(pes.unroll)(meta_2N, after, DATA)
+    losses, _ = _member_alone(pes, meta_2N, after, DATA, 2)
+    np.testing.assert_array_equal(next_out.loss[:2], losses)

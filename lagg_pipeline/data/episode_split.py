@@ -51,24 +51,32 @@ def sizes(pool_size: int) -> tuple[int, int]:
     return pool_size - num_valid, num_valid
 
 
-def _layout(pool: EpisodePool, data_key: jax.Array, positions: jax.Array) -> jax.Array:
-    """Pool indices at ``positions`` of this episode's permutation of the pool."""
-    n = pool.y.shape[0]
+def _layout(n: int, data_key: jax.Array, positions: jax.Array) -> jax.Array:
+    """Pool indices at ``positions`` of this episode's permutation of the n-example pool."""
     round_keys = epoch_round_keys(jax.random.fold_in(data_key, _LAYOUT_SALT), jnp.uint32(0))
     return permute(positions.astype(jnp.uint32), round_keys, n).astype(jnp.int32)
+
+
+def train_indices(pool_size: int, data_key: jax.Array, counter: jax.Array, count: int) -> jax.Array:
+    """Pool indices of examples counter .. counter + count - 1 of the episode's training stream."""
+    num_train, num_valid = sizes(pool_size)
+    positions = stream_indices(data_key, counter, count, num_train) + num_valid
+    return _layout(pool_size, data_key, positions)
+
+
+def valid_indices(pool_size: int, data_key: jax.Array) -> jax.Array:
+    """Pool indices of the episode's whole validation set: fixed for the episode (its data key)."""
+    return _layout(pool_size, data_key, jnp.arange(sizes(pool_size)[1]))
 
 
 def train_batch(pool: EpisodePool, data_key: jax.Array, counter: jax.Array, count: int):
     """Examples counter .. counter + count - 1 of the episode's training stream:
     (x [count, ...], y [count], next counter)."""
-    num_train, num_valid = sizes(pool.y.shape[0])
-    positions = stream_indices(data_key, counter, count, num_train) + num_valid
-    idx = _layout(pool, data_key, positions)
-    return pool.x[idx], pool.y[idx], next_counter(counter, count, num_train)
+    idx = train_indices(pool.y.shape[0], data_key, counter, count)
+    return pool.x[idx], pool.y[idx], next_counter(counter, count, sizes(pool.y.shape[0])[0])
 
 
 def valid_split(pool: EpisodePool, data_key: jax.Array) -> Split:
     """The episode's whole validation set."""
-    _, num_valid = sizes(pool.y.shape[0])
-    idx = _layout(pool, data_key, jnp.arange(num_valid))
+    idx = valid_indices(pool.y.shape[0], data_key)
     return Split(pool.x[idx], pool.y[idx])

@@ -12,12 +12,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lagg_pipeline.config import META_LOSS_SPLITS
 from lagg_pipeline.data import Split, episode_split, sample_batch
-from lagg_pipeline.data.partition import init_counter, stream_position
+from lagg_pipeline.data.partition import ClientSplit, init_counter, stream_position
+from lagg_pipeline.data.sampler import next_counter
 from lagg_pipeline.meta.truncation import Episode, advance, initial_episodes, normalize_meta_loss
-from lagg_pipeline.simulator import RoundState, make_round_step, round_size
+from lagg_pipeline.simulator import RoundState, make_round_step, round_indices, round_size, stream_size
 
 MetaParams = Any
 
@@ -45,6 +47,21 @@ class Truncation(NamedTuple):
     mask: jax.Array  # [T, N] 0 on reset steps
     finished: jax.Array  # [T, N] the particle has reset at or before this step
     step_size: jax.Array  # [T, 2N] mean |step| of the aggregator
+
+
+class Streams(NamedTuple):
+    """The antithetic pairs' data streams inside an unroll, [N] (both members of a pair share one)."""
+
+    key: jax.Array
+    counter: Any  # int32 [N], or ClientCounters over a ClientSplit
+    valid: jax.Array | None  # [N, num_valid] the episode's validation indices with resplit
+
+
+class Draws(NamedTuple):
+    """One round's example indices of one stream (see PES._draws)."""
+
+    train: jax.Array | None  # None over clients: the round draws its own
+    valid: jax.Array | None  # the episode's validation indices with resplit
 
 
 def _stack_pair(tree):
@@ -87,15 +104,16 @@ class PES:
         self.round_size = round_size(num_grads, num_local_steps, local_batch_size)
         self.loss_ceiling = float(normalize_meta_loss(jnp.inf, task.num_classes))
 
-    def _round(self, meta_params, state: RoundState, data: PESData):
-        """One round of one member: (next state, its un-normalised meta-loss)."""
+    def _round(self, meta_params, state: RoundState, data: PESData, draws: Draws | None = None):
+        """One round of one member: (next state, its un-normalised meta-loss). ``draws``: its
+        stream's :meth:`_draws` when the unroll drew them for its pair; None draws them here."""
+        draws = self._draws(state.data_key, state.data_counter, data) if draws is None else draws
         update = self.aggregator.server_update(meta_params)
-        state, train_loss = make_round_step(self.task, update, **self.round_args)(state, data.train)
+        state, train_loss = make_round_step(self.task, update, **self.round_args)(state, data.train, draws.train)
         if self.meta_loss_split == "train":
             return state, train_loss
         if self.meta_loss_split == "resplit":
-            valid = episode_split.valid_split(data.train, state.data_key)
-            held_out = self.task.loss(state.params, valid.x, valid.y)
+            held_out = self.task.loss(state.params, data.train.x[draws.valid], data.train.y[draws.valid])
         else:
             held_out = self._held_out_loss(state, data.meta)
         if self.train_weight == 0:  # the held-out loss alone, computed exactly as without the option
@@ -111,6 +129,22 @@ class PES:
         x, y = sample_batch(split, jax.random.fold_in(state.data_key, 2**31 - 1), stream_position(state.data_counter),
                             self.round_size)
         return self.task.loss(state.params, x, y)
+
+    def _draws(self, key, counter, data: PESData, valid=None) -> Draws:
+        """One data stream's indices for the round from (key, counter): its training examples
+        (None over clients: the round draws them) and, with resplit, the episode's validation
+        examples (``valid`` when already computed: they are fixed for the episode)."""
+        train = None if isinstance(data.train, ClientSplit) else round_indices(data.train, key, counter,
+                                                                                self.round_size)
+        if self.meta_loss_split == "resplit" and valid is None:
+            valid = episode_split.valid_indices(data.train.y.shape[0], key)
+        return Draws(train, valid)
+
+    def _episode_valid(self, key_N, data: PESData):
+        """[N, num_valid] each episode's validation indices with resplit, else None."""
+        if self.meta_loss_split != "resplit":
+            return None
+        return jax.vmap(episode_split.valid_indices, in_axes=(None, 0))(data.train.y.shape[0], key_N)
 
     def _fresh(self, meta_params, key, train) -> RoundState:
         init_key, data_key = jax.random.split(key)
@@ -133,30 +167,57 @@ class PES:
             return tree_2N
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.particle_sharding), tree_2N)
 
-    def unroll(self, meta_params_2N, state: PESState, data: PESData) -> tuple[PESState, Truncation]:
-        """T rounds of all 2N members; finished episodes are reset in place."""
-        meta_params_2N = self._shard(meta_params_2N)
+    def _replicate(self, tree):
+        """Every leaf on every particle device (no-op on one device)."""
+        if self.particle_sharding is None:
+            return tree
+        everywhere = NamedSharding(self.particle_sharding.mesh, PartitionSpec())
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, everywhere), tree)
 
-        def reset(trained, is_reset_N, k_reset):
+    def _next_counter(self, counter_N, trained, data: PESData):
+        """The pairs' stream positions after this round: computed where they are kept, except over
+        clients, whose counters only the round's own draw advances."""
+        if isinstance(data.train, ClientSplit):
+            return jax.tree.map(lambda x: x[:self.num_tasks], trained.data_counter)
+        return next_counter(counter_N, self.round_size, stream_size(data.train))
+
+    def unroll(self, meta_params_2N, state: PESState, data: PESData) -> tuple[PESState, Truncation]:
+        """T rounds of all 2N members; finished episodes are reset in place.
+
+        Both members of a pair read the same data stream, so each pair's indices are drawn once,
+        from a copy of the pairs' streams carried beside the members (on every device: no
+        member-sharded loop, such as the sampler's cycle-walk, then waits on the other devices)."""
+        meta_params_2N = self._shard(meta_params_2N)
+        n = self.num_tasks
+
+        def reset(trained, streams, is_reset_N, k_reset):
             fresh_N = jax.vmap(self._fresh, in_axes=(0, 0, None))(
-                jax.tree.map(lambda x: x[:self.num_tasks], meta_params_2N), jax.random.split(k_reset, self.num_tasks),
-                data.train)
-            return _where(jnp.concatenate([is_reset_N, is_reset_N]), _stack_pair(fresh_N), trained)
+                jax.tree.map(lambda x: x[:n], meta_params_2N), jax.random.split(k_reset, n), data.train)
+            fresh_streams = Streams(fresh_N.data_key, fresh_N.data_counter, self._episode_valid(fresh_N.data_key, data))
+            return (_where(jnp.concatenate([is_reset_N, is_reset_N]), _stack_pair(fresh_N), trained),
+                    _where(is_reset_N, fresh_streams, streams))
 
         def body(carry, _):
-            rounds, episode, key = carry
+            rounds, streams, episode, key = carry
             key, k_reset, k_length = jax.random.split(key, 3)
             episode, is_reset_N = advance(episode, k_length, self.min_length, self.max_length)
-            trained, loss_2N = jax.vmap(self._round, in_axes=(0, 0, None))(meta_params_2N, rounds, data)
+            draws_N = jax.vmap(self._draws, in_axes=(0, 0, None, 0))(streams.key, streams.counter, data, streams.valid)
+            trained, loss_2N = jax.vmap(self._round, in_axes=(0, 0, None, 0))(meta_params_2N, rounds, data,
+                                                                                 _stack_pair(draws_N))
+            streams = streams._replace(counter=self._next_counter(streams.counter, trained, data))
             # Most rounds reset no particle: skip building fresh ones then (a real branch in a scan).
-            rounds = self._shard(jax.lax.cond(jnp.any(is_reset_N), reset, lambda t, *_: t, trained, is_reset_N,
-                                              k_reset))
+            rounds, streams = jax.lax.cond(jnp.any(is_reset_N), reset, lambda t, s, *_: (t, s), trained, streams,
+                                           is_reset_N, k_reset)
             loss_2N = normalize_meta_loss(loss_2N, self.task.num_classes)
-            return (rounds, episode, key), (loss_2N, 1.0 - is_reset_N, is_reset_N,
-                                                 trained.server_state.mean_abs_step)
+            return (self._shard(rounds), self._replicate(streams), episode, key), (loss_2N, 1.0 - is_reset_N, is_reset_N,
+                                                                  trained.server_state.mean_abs_step)
 
-        (rounds, episode, key), (loss, mask, is_reset, step_size) = jax.lax.scan(
-            body, (self._shard(state.rounds), state.episode, state.key), None, length=self.trunc_length)
+        rounds = self._shard(state.rounds)
+        first = jax.tree.map(lambda x: x[:n], rounds)
+        streams = self._replicate(Streams(first.data_key, first.data_counter,
+                                          self._episode_valid(first.data_key, data)))
+        (rounds, _, episode, key), (loss, mask, is_reset, step_size) = jax.lax.scan(
+            body, (rounds, streams, state.episode, state.key), None, length=self.trunc_length)
         finished = jnp.cumsum(is_reset, axis=0) > 0
         return state._replace(rounds=rounds, episode=episode, key=key), Truncation(loss, mask, finished, step_size)
 
