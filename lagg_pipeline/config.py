@@ -132,6 +132,7 @@ class Config:
     output_path: Optional[str] = None
     # mode=report / mode=select_tuned / mode=recommend
     report_dir: Optional[str] = None  # also write the report here (e.g. docs/results)
+    results_archive: Optional[str] = None  # committed per-group curves: merged into the report, then rewritten
     readme: Optional[str] = None  # splice the report's tables into this file's Results markers
     headline: Optional[str] = None  # and a short table of their verdicts into this file's headline markers
     tuned_dir: Optional[str] = None  # where tuned values are read and written; default: conf/tuned_hparams

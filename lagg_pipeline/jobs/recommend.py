@@ -3,6 +3,7 @@ verdict of an experiment's runs; the test split is never judged here (SPEC 5).""
 from __future__ import annotations
 
 from lagg_pipeline.errors import UserError
+from lagg_pipeline.report import archive
 from lagg_pipeline.report.collect import collect, open_experiment
 from lagg_pipeline.report.judge import judge
 from lagg_pipeline.report.recommend import entries, write
@@ -12,7 +13,7 @@ def recommend_job(cfg) -> list[dict]:
     from lagg_pipeline import pretrained
 
     client, _ = open_experiment(cfg.tracking)
-    groups = collect(client, cfg.tracking.experiment)
+    groups = archive.with_archive(cfg, collect(client, cfg.tracking.experiment), print)
     found = entries({key: judge(curves, "outer_valid") for key, curves in groups.items()})
     if not found:
         raise UserError(f"experiment {cfg.tracking.experiment} has no shipped aggregator with an outer-valid verdict "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.jobs.common import output_dir
+from lagg_pipeline.report import archive
 from lagg_pipeline.report.collect import collect, open_experiment
 from lagg_pipeline.report.judge import judge_groups
 from lagg_pipeline.report.render import render
@@ -23,11 +24,15 @@ def run_report(cfg, out: Path) -> str:
     targets = check(cfg, out)
     client, _ = open_experiment(cfg.tracking)
     notes: list[str] = []
-    groups = collect(client, cfg.tracking.experiment, warn=lambda line: (print(line), notes.append(line)))
+    note = lambda line: (print(line), notes.append(line))
+    groups = archive.with_archive(cfg, collect(client, cfg.tracking.experiment, warn=note), note)
     if not groups:
         raise UserError(f"experiment {cfg.tracking.experiment} has no finished benchmark runs to report")
     rendered = render(judge_groups(groups), targets, notes)
     write(targets, rendered, f"Comparison: MLflow experiment {cfg.tracking.experiment}")
+    if cfg.results_archive:
+        archive.save(Path(cfg.results_archive), groups)
+        print(f"updated the committed results in {cfg.results_archive}")
     print(rendered.report)
     run = tracking.start_run(cfg.tracking, f"report {cfg.tracking.experiment}", {"kind": "report"})
     run.log_artifact(out, "report")

@@ -1,0 +1,111 @@
+"""Committed results: each comparison group's pooled curves as one ``.npz`` in a folder of the
+repository (``results_archive=``, ``make report``: docs/results/data), so a comparison outlives
+the MLflow store that measured it. The tuning and the 5-seed runs of one group take hours on
+2 cores; a session measures some groups, commits them, and the next session's report judges
+them beside the groups it measures itself.
+
+A group's file holds every row's per-seed curves (float32) and, as JSON, the group's settings
+and each row's identity; it is read back with ``allow_pickle=False``. Merging: a row measured in
+the store replaces the archived row of the same label in its group; archived rows and groups the
+store lacks are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from lagg_pipeline.errors import UserError
+from lagg_pipeline.report.collect import _method_order
+from lagg_pipeline.report.curves import Curves, GroupKey
+
+ARRAYS = ("train_loss", "eval_rounds", "test_loss", "test_accuracy", "outer_valid_loss", "outer_valid_accuracy")
+FIELDS = ("method", "optimizer", "settings", "tuned", "shipped")
+_META = "__rows__"
+
+
+def file_name(key: GroupKey) -> str:
+    """``mnist1d_large_mlp_K8_H4_R1000_B128_iid.npz`` (the clients' label made file-safe)."""
+    clients = re.sub(r"[^\w.]+", "_", key.partition).strip("_")
+    return f"{key.task}_K{key.K}_H{key.H}_R{key.rounds}_B{key.B}_{clients}.npz"
+
+
+def save_group(folder: Path, key: GroupKey, rows: list[Curves]) -> Path:
+    """Write one group's file atomically (a crash leaves the previous file)."""
+    arrays = {}
+    for i, row in enumerate(rows):
+        for name in ARRAYS:
+            value = getattr(row, name)
+            if value is not None:
+                arrays[f"{i}/{name}"] = np.asarray(value, np.int64 if name == "eval_rounds" else np.float32)
+    meta = {"group": key._asdict(), "rows": [{f: getattr(row, f) for f in FIELDS} for row in rows]}
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file_name(key)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_group(path: Path) -> tuple[GroupKey, list[Curves]]:
+    """One group's settings and rows (a one-line error for a file that is not an archive group)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(data[_META].tobytes().decode())
+            rows = []
+            for i, fields in enumerate(meta["rows"]):
+                curves = {name: (np.asarray(data[f"{i}/{name}"], np.float64) if name != "eval_rounds"
+                                 else np.asarray(data[f"{i}/{name}"]))
+                          for name in ARRAYS if f"{i}/{name}" in data.files}
+                rows.append(Curves(**fields, **{"outer_valid_accuracy": None, **curves}))
+            return GroupKey(**meta["group"]), rows
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"results archive file {path} is unreadable ({type(err).__name__}: {err}); "
+                        f"remove it or restore it from git") from None
+
+
+def load(folder: Path) -> dict[GroupKey, list[Curves]]:
+    """Every archived group in ``folder`` (none when it does not exist yet)."""
+    if not folder.is_dir():
+        return {}
+    return dict(load_group(path) for path in sorted(folder.glob("*.npz")))
+
+
+def merge(archived: dict[GroupKey, list[Curves]], measured: dict[GroupKey, list[Curves]]):
+    """(groups, labels of the archived rows kept per group): measured rows replace archived ones of
+    the same label; everything else archived is kept."""
+    groups, kept = {}, {}
+    for key in sorted(set(archived) | set(measured)):
+        new = measured.get(key, [])
+        fresh = {row.method for row in new}
+        old = [row for row in archived.get(key, []) if row.method not in fresh]
+        if old:
+            kept[key] = [row.method for row in old]
+        groups[key] = sorted(old + new, key=_method_order)
+    return groups, kept
+
+
+def with_archive(cfg, measured: dict[GroupKey, list[Curves]], note) -> dict[GroupKey, list[Curves]]:
+    """The measured groups merged with ``results_archive`` (when set), saying which rows came from it."""
+    if not cfg.results_archive:
+        return measured
+    groups, kept = merge(load(Path(cfg.results_archive)), measured)
+    for key, names in kept.items():
+        note(f"{key.title}: {', '.join(names)} read from the committed results ({cfg.results_archive}), "
+             f"not measured in this store")
+    return groups
+
+
+def save(folder: Path, groups: dict[GroupKey, list[Curves]]) -> list[Path]:
+    """Write every group (replacing each group's file)."""
+    return [save_group(folder, key, rows) for key, rows in groups.items()]

@@ -1,0 +1,72 @@
+"""Committed results: a group's curves round-trip exactly, measured rows replace archived ones,
+and the report judges archived groups beside the store's."""
+import numpy as np
+import pytest
+
+from lagg_pipeline.errors import UserError
+from lagg_pipeline.report import archive
+from lagg_pipeline.report.curves import Curves, GroupKey
+
+KEY = GroupKey("mnist1d_large_mlp", 8, 4, 1000, 128, "iid")
+SKEWED = GroupKey("mnist1d_mlp", 8, 4, 1000, 128, "dirichlet(alpha=0.1, M=64)")
+
+
+def row(method, optimizer, level, valid_acc=True, shipped=None):
+    rng = np.random.default_rng(len(method))
+    train = (level + rng.random((3, 20))).astype(np.float32).astype(np.float64)
+    evals = np.array([0, 10, 20])
+    metric = lambda base: (base + rng.random((3, 3))).astype(np.float32).astype(np.float64)
+    return Curves(method, optimizer, "local_learning_rate=0.5", optimizer == "fedavg", train, evals, metric(1.0),
+                  metric(0.5), metric(0.9), metric(0.5) if valid_acc else None, shipped)
+
+
+def test_a_group_round_trips_exactly_and_its_file_is_named_by_every_setting(tmp_path):
+    rows = [row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x"), row("fedavg", "fedavg", 0.3, valid_acc=False)]
+    path = archive.save_group(tmp_path, SKEWED, rows)
+    assert path.name == "mnist1d_mlp_K8_H4_R1000_B128_dirichlet_alpha_0.1_M_64.npz"
+    key, back = archive.load_group(path)
+    assert key == SKEWED and [r.method for r in back] == ["lagg_a@x", "fedavg"]
+    for a, b in zip(rows, back):
+        for field in ("method", "optimizer", "settings", "tuned", "shipped"):
+            assert getattr(a, field) == getattr(b, field)
+        for name in archive.ARRAYS:
+            if getattr(a, name) is None:
+                assert getattr(b, name) is None
+            else:
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_measured_rows_replace_archived_ones_and_the_rest_is_kept(tmp_path):
+    old = {KEY: [row("fedavg", "fedavg", 0.9), row("slowmo", "slowmo", 0.9)], SKEWED: [row("fedavg", "fedavg", 0.9)]}
+    archive.save(tmp_path, old)
+    measured = {KEY: [row("fedavg", "fedavg", 0.2), row("lagg_a@y", "lagg_a", 0.1)]}
+    groups, kept = archive.merge(archive.load(tmp_path), measured)
+    assert set(groups) == {KEY, SKEWED} and kept == {KEY: ["slowmo"], SKEWED: ["fedavg"]}
+    assert [r.method for r in groups[KEY]] == ["lagg_a@y", "fedavg", "slowmo"]  # the report's order: learned first
+    fedavg = next(r for r in groups[KEY] if r.method == "fedavg")
+    np.testing.assert_array_equal(fedavg.train_loss, measured[KEY][0].train_loss)  # the new measurement wins
+
+
+def test_an_unreadable_archive_file_is_one_line(tmp_path):
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="results archive file .*broken.npz is unreadable"):
+        archive.load(tmp_path)
+    assert archive.load(tmp_path / "absent") == {}
+
+
+def test_the_report_judges_archived_groups_beside_measured_ones_then_rewrites_the_archive(tmp_path):
+    from test_verdict import curves, log_run, report_cfg
+
+    from lagg_pipeline.jobs.report import run_report
+
+    log_run(curves("fedavg", test_loss=0.3, accuracy=0.9))  # digits_mlp, K=8, H=4, B=128, 300 rounds
+    measured_key = GroupKey("digits_mlp", 8, 4, 300, 128, "iid")
+    folder = tmp_path / "data"
+    archive.save(folder, {KEY: [row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x"), row("fedavg", "fedavg", 0.3)]})
+    text = run_report(report_cfg(results_archive=str(folder)), tmp_path / "out")
+    assert "### mnist1d_large_mlp, K=8, H=4, B=128: 1000 rounds, 3 seeds" in text  # judged from the archive
+    assert "### digits_mlp, K=8, H=4, B=128: 300 rounds, 2 seeds" in text
+    assert "lagg_a@x, fedavg read from the committed results" in text
+    groups = archive.load(folder)
+    assert set(groups) == {KEY, measured_key} and [r.method for r in groups[measured_key]] == ["fedavg"]
