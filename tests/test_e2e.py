@@ -283,7 +283,7 @@ def test_benchmark_over_heterogeneous_clients_is_recorded_and_reported():
     assert 0.3 < run.data.metrics["partition_mean_dominant_class_fraction"] < 1.0
     report = cli("mode=report", "tracking.experiment=results", "report_dir=rep")
     assert "mnist1d_mlp, K=8, H=4, B=128, clients: dirichlet(alpha=0.1, M=64): 20 rounds, 2 seeds" in report.stdout
-    assert Path("rep/mnist1d_mlp_K8_H4_R20_dirichlet_alpha0.1_M64.png").is_file()
+    assert Path("rep/mnist1d_mlp_K8_H4_B128_R20_dirichlet_alpha0.1_M64.png").is_file()
 
 
 def test_tune_select_apply_and_report(tmp_path):
