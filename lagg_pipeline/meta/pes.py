@@ -201,7 +201,9 @@ class PES:
             rounds, streams, episode, key = carry
             key, k_reset, k_length = jax.random.split(key, 3)
             episode, is_reset_N = advance(episode, k_length, self.min_length, self.max_length)
-            draws_N = jax.vmap(self._draws, in_axes=(0, 0, None, 0))(streams.key, streams.counter, data, streams.valid)
+            # computed whole on every device: split over them, the cycle-walk's loop would wait on all of them
+            draws_N = self._replicate(jax.vmap(self._draws, in_axes=(0, 0, None, 0))(
+                *self._replicate((streams.key, streams.counter)), data, streams.valid))
             trained, loss_2N = jax.vmap(self._round, in_axes=(0, 0, None, 0))(meta_params_2N, rounds, data,
                                                                                  _stack_pair(draws_N))
             streams = streams._replace(counter=self._next_counter(streams.counter, trained, data))
