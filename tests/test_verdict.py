@@ -272,7 +272,8 @@ def test_a_finished_run_without_curves_is_left_out_with_a_warning(capsys):
 def report_cfg(**overrides):
     return OmegaConf.create({"tracking": {"enabled": True, "uri": None, "experiment": EXPERIMENT,
                                           "parent_run_id": None, "run_name": None},
-                             "report_dir": None, "readme": None, "headline": None, **overrides})
+                             "report_dir": None, "readme": None, "headline": None, "results_archive": None,
+                             **overrides})
 
 
 def pages(tmp_path):
