@@ -151,6 +151,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the worktree is removed
     try:
         main()
     except UserError as err:
