@@ -7,13 +7,13 @@ from __future__ import annotations
 import re
 
 from lagg_pipeline.report.judge import Judged, Judgement, Verdict
-from lagg_pipeline.report.page import against, time_cell, title
+from lagg_pipeline.report.page import against, regime, time_cell, title
 from lagg_pipeline.report.recommend import choose, rank
 
-HEADER = ("| comparison | judged against | chosen on outer-valid | holds on test | (1) train loss below every "
+HEADER = ("| comparison | epochs | judged against | chosen on outer-valid | holds on test | (1) train loss below every "
           "baseline's | (2) test accuracy within 0.5 pt of the best | (3) test loss within 10% of the best | (4) "
           "rounds to the best's final test accuracy (× fastest baseline) | best of any on test |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def anchor(heading: str) -> str:
@@ -36,7 +36,8 @@ def _counts(v: Verdict) -> list[str]:
 
 
 def _row(link: str, versus: str, chosen: str, test: list[Verdict]) -> str:
-    """One comparison: the chosen row's test scorecard and the best test verdict of any row."""
+    """One comparison (``link`` holds its first two cells): the chosen row's test scorecard and the best
+    test verdict of any row."""
     mine = next((v for v in test if v.name == chosen.split(" (")[0]), None)
     best = max(test, key=rank)
     if mine is None:
@@ -62,7 +63,7 @@ def headline(judged: list[Judged], link: str) -> str:
         chosen = _choice(j.valid)
         if chosen is None or not j.test.verdicts:
             continue
-        cell = f"[{j.key.title}]({link}#{anchor(title(j))})"
+        cell = f"[{j.key.title}]({link}#{anchor(title(j))}) | {regime(j)}"
         every.append(_row(cell, against(j.test), chosen, j.test.verdicts))
         if j.test.alone:
             versus = f"{j.test.alone[0].fedavg_alone} FedAvg ({len(j.test.alone[0].against)} row" + \
@@ -81,6 +82,7 @@ def shipped_table() -> str:
         m = pretrained.metadata(file)
         seconds = m.get("meta_train_seconds")
         minutes = f"{seconds / 60:.0f} min" if seconds else "?"
+        minutes += " on one H200 GPU" if "H200" in str(m.get("meta_train_device", "")) else ""
         lines.append(f"| {variant} | `{name}` | {m.get('task')} | {m.get('num_grads')} | {m.get('num_local_steps')} | "
                      f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {pretrained.meta_loss_label(m)} | "
                      f"{m.get('meta_init', 'random')} | {m.get('outer_steps')} | "

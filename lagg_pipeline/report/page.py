@@ -24,6 +24,36 @@ def title(j: Judged) -> str:
     return f"{j.key.title}: {j.key.rounds} rounds, {'/'.join(map(str, j.seeds))} seeds"
 
 
+PAPER_EPOCHS = 85  # the paper's Fashion-MNIST runs: 1000 rounds of K=8, H=4, B=128 over 48,000 images
+
+
+def epochs(j: Judged) -> tuple[float, float] | None:
+    """(epochs per round, epochs in all) of the group's train split (a round draws K·H·B examples);
+    None for a task whose config the package no longer holds."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    from lagg_pipeline.config import CONFIG_PACKAGE
+    from lagg_pipeline.data import split_sizes
+
+    entry = resources.files(CONFIG_PACKAGE).joinpath("task", f"{j.key.task}.yaml")
+    if not entry.is_file():
+        return None
+    per_round = j.key.K * j.key.H * j.key.B / split_sizes(OmegaConf.create(entry.read_text()).dataset)["train"]
+    return per_round, per_round * j.key.rounds
+
+
+def regime(j: Judged) -> str:
+    """The data regime in words: "91 epochs (0.091 a round): the paper's regime" or a small-data one."""
+    both = epochs(j)
+    if both is None:
+        return "epochs unknown"
+    per_round, total = both
+    kind = "the paper's data regime" if total <= 2 * PAPER_EPOCHS else "small-data regime"
+    return f"{total:,.0f} epochs ({per_round:.2g} a round): {kind}"
+
+
 def image_name(j: Judged) -> str:
     from lagg_pipeline.data.partition import partition_slug
 
@@ -148,7 +178,8 @@ def section(j: Judged, image_prefix: str) -> list[str]:
         if chosen else ""
     valid_card = scorecard(j.valid, chosen.name if chosen else None)
     targets = target_table(j.test)
-    return [f"### {title(j)}", "", f"Scorecard on the test split, judged against {against(j.test)}:"
+    return [f"### {title(j)}", "", f"Training length: {regime(j)} (the paper: ~{PAPER_EPOCHS} epochs).", "",
+            f"Scorecard on the test split, judged against {against(j.test)}:"
             if j.test.reference else "No baseline with a finite seed.", "",
             *scorecard(j.test, chosen.name if chosen else None), "",
             f"![{title(j)}]({image_prefix}{image_name(j)})", "",
