@@ -251,13 +251,14 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
     assert sorted(exported) == sorted(recipes)
     for recipe, metadata in exported.items():
         name = recipe[len("pretrain_"):]
-        assert metadata["task"] == ("mnist1d_mlp" if name.startswith("mnist1d") else "digits_mlp")
+        assert metadata["task"] == ("mnist1d_large_mlp" if name.startswith("mnist1d_large") else
+                                    "mnist1d_mlp" if name.startswith("mnist1d") else "digits_mlp")
         assert f"_h{metadata['num_local_steps']}" in name and metadata["num_grads"] == 8
         families = {"family": ["digits_mlp", "mnist1d_mlp_small"],
                     "family4": ["digits_mlp", "mnist1d_mlp_small", "digits_mlp_wide", "mnist1d_mlp_shallow"]}
         family = name.split("_k8")[0] in families
         assert metadata.get("meta_tasks") == families.get(name.split("_k8")[0])
-        resplit = family or name.endswith("_resplit")
+        resplit = family or name.endswith("_resplit") or name.startswith("mnist1d_large")
         assert metadata["meta_loss_split"] == ("resplit" if resplit else "outer_valid" if "_ov" in name else "train")
         weights = {"_mix": 0.5, "_mix75": 0.75}
         assert metadata.get("meta_loss_train_weight") == weights.get(name[name.rfind("_"):]), name
