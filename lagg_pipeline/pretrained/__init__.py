@@ -94,7 +94,10 @@ def describe() -> str:
                      f"    trained: task={meta.get('task')}{family} K={meta.get('num_grads')} "
                      f"H={meta.get('num_local_steps')} meta-loss={meta_loss_label(meta)} "
                      f"partition={meta.get('partition', 'iid')} meta_init={meta.get('meta_init', 'random')} "
-                     f"outer_steps={meta.get('outer_steps')}\n    re-create: {meta.get('command', '?')}")
+                     f"outer_steps={meta.get('outer_steps')}"
+                     + (f" on {meta['meta_train_device']}" if meta.get("meta_train_device") else "")
+                     + (f"\n    chosen by: {meta['chosen_by']}" if meta.get("chosen_by") else "")
+                     + f"\n    re-create: {meta.get('command', '?')}")
     source = ("recommendations: generated from the outer-valid verdict (mode=recommend; the test split never "
               "chooses)" if recommended_file().read_text().startswith("# GENERATED") else
               "recommendations: written by hand before the outer-valid verdict existed; `make recommend` "
