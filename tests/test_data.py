@@ -197,11 +197,12 @@ def test_split_sizes_registry():
 
 
 @pytest.mark.slow
-def test_mnist1d_large_is_the_same_generator_at_70000_signals(tmp_path):
-    """The paper's data regime: the pinned generator's own 80/20 split at 70,000 signals (~1 min to prepare)."""
+def test_mnist1d_large_is_the_same_generator_at_70000_signals():
+    """The paper's data regime: the pinned generator's own 80/20 split at 70,000 signals (~1 min to
+    prepare, once per test session: the recipe smoke test reuses it)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    splits = load_splits("mnist1d_large", data_dir=str(tmp_path))
+    splits = load_splits("mnist1d_large")
     assert {s: len(getattr(splits, s).y) for s in SPLIT_NAMES} == split_sizes("mnist1d_large")
     args = get_dataset_args()
     args.num_samples = 70_000
