@@ -182,7 +182,7 @@ def test_beside_other_baselines_each_learned_method_is_also_judged_against_fedav
     table = headline.headline([page], "r.md").splitlines()
     x = "lagg_a@x (not shipped)"  # a label of a shipped aggregator whose file the package lacks
     link = ("[digits_mlp, K=8, H=4, B=128](r.md#digits_mlp-k8-h4-b128-300-rounds-2-seeds) | "
-            "1,069 epochs (3.6 a round): small-data regime")  # 8*4*128 of digits' 1,150 training images a round
+            "1,069 epochs (3.6 a round; the paper's: 26): small-data regime")  # 8*4*128 of digits' 1,150 a round
     assert table[2] == (f"| {link} | 2 tuned baselines | {x} | no | **5/5** | 0/5 | 0/5 | never | {x} (5/5, 0/5, "
                         f"0/5) |")
     assert table[4].startswith("Against FedAvg alone") and len(table) == 9
@@ -296,7 +296,7 @@ def test_report_job_writes_the_page_and_splices_the_readme_and_headline(tmp_path
     assert "### digits_mlp, K=8, H=4, B=128: 300 rounds, 2 seeds" in text and \
         "- **lagg_a@x** holds on the test split." in text
     assert "Scorecard on the test split, judged against tuned fedavg only:" in text
-    assert "Training length: 1,069 epochs (3.6 a round): small-data regime (the paper: ~85 epochs)." in text
+    assert "Training length: 1,069 epochs (3.6 a round; the paper's: 26): small-data regime." in text
     assert "| **lagg_a@x** (chosen) | yes | **5/5** | **5/5** | **5/5** | 50 (1×) | 0/2 | tuned fedavg only |" in text
     assert "| method | settings | seeds | test acc r100 | test acc r250 | test acc r300 | test loss r100 |" in text
     content = results.read_text()
@@ -305,7 +305,7 @@ def test_report_job_writes_the_page_and_splices_the_readme_and_headline(tmp_path
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "digits_mlp_K8_H4_B128_R300.png").is_file()
     row = readme.read_text().splitlines()[4]
     assert row == ("| [digits_mlp, K=8, H=4, B=128](docs/results.md#digits_mlp-k8-h4-b128-300-rounds-2-seeds) | "
-                   "1,069 epochs (3.6 a round): small-data regime | tuned fedavg only | lagg_a@x (not shipped) | yes | **5/5** | **5/5** | **5/5** | 50 (1×) | lagg_a@x (not "
+                   "1,069 epochs (3.6 a round; the paper's: 26): small-data regime | tuned fedavg only | lagg_a@x (not shipped) | yes | **5/5** | **5/5** | **5/5** | 50 (1×) | lagg_a@x (not "
                    "shipped) (5/5, 5/5, 5/5) |")
 
 

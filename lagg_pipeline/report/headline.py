@@ -59,7 +59,7 @@ def headline(judged: list[Judged], link: str) -> str:
     """The README's tables; ``link``: the Results page relative to the README."""
     every, alone = [HEADER], ["Against FedAvg alone (the goal on tasks outside the meta-training family):", "",
                               HEADER]
-    for j in judged:
+    for j in sorted(judged, key=lambda j: "the paper's data regime" not in regime(j)):  # the main comparison first
         chosen = _choice(j.valid)
         if chosen is None or not j.test.verdicts:
             continue
