@@ -210,6 +210,18 @@ def _client_and_experiment(tracking_cfg):
 
 
 @contextmanager
+def exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (waits for another process holding it)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def store_lock(uri: str):
     """Held while a job first touches a SQLite store: creating its tables is not atomic, so two jobs
     started together on a fresh store both tried (``alembic_version already exists``). Other stores
@@ -217,14 +229,8 @@ def store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    path = Path(uri[len("sqlite:///"):] + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive(Path(uri[len("sqlite:///"):] + ".lock")):
+        yield
 
 
 def _experiment_id(client, uri: str, name: str) -> str:

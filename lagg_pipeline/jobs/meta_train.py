@@ -2,7 +2,6 @@
 meta-parameters; jobs of one sweep share a meta-training."""
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -62,20 +61,6 @@ def sweep_dir() -> str | None:
     return str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-@contextlib.contextmanager
-def exclusive(lock_path: Path):
-    """Hold an exclusive lock on ``lock_path`` (waits for another process holding it)."""
-    import fcntl
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def meta_train(cfg, splits, task, aggregator):
     """Meta-train (or resume), export the meta-parameters; returns (meta_params, run).
 
@@ -89,7 +74,7 @@ def meta_train(cfg, splits, task, aggregator):
     directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
     if not is_leader():
         return _follow_meta_training(cfg, *meta_problem(cfg, splits, task), aggregator, directory)
-    with exclusive(directory.parent / f".{name}.lock"):
+    with tracking.exclusive(directory.parent / f".{name}.lock"):
         sweep = sweep_dir()
         reused = _reuse_from_sweep(cfg, splits, directory, sweep) if sweep and not cfg.resume else None
         if reused is not None:

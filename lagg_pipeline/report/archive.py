@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lagg_pipeline.errors import UserError
-from lagg_pipeline.report.collect import _method_order
+from lagg_pipeline.report.collect import method_order
 from lagg_pipeline.report.curves import Curves, GroupKey
 
 ARRAYS = ("train_loss", "eval_rounds", "test_loss", "test_accuracy", "outer_valid_loss", "outer_valid_accuracy")
@@ -91,7 +91,7 @@ def merge(archived: dict[GroupKey, list[Curves]], measured: dict[GroupKey, list[
         old = [row for row in archived.get(key, []) if row.method not in fresh]
         if old:
             kept[key] = [row.method for row in old]
-        groups[key] = sorted(old + new, key=_method_order)
+        groups[key] = sorted(old + new, key=method_order)
     return groups, kept
 
 

@@ -98,7 +98,7 @@ def collect(client, experiment_name: str, warn: Callable[[str], None] = print) -
         entries = [c for ident, ident_runs in identities.items()
                    if (c := _pool(client, names[ident], ident[0], ident_runs, warn)) is not None]
         if entries:
-            groups[group] = sorted(entries, key=_method_order)
+            groups[group] = sorted(entries, key=method_order)
     return groups
 
 
@@ -128,6 +128,7 @@ def _pool(client, label: str, method: str, runs: list, warn) -> Curves | None:
                   cat("outer_valid_loss"), valid_acc, shipped)
 
 
-def _method_order(c: Curves):
+def method_order(c: Curves):
+    """Learned rows first, then the baselines in BASELINE_ORDER: the order every table reads."""
     order = BASELINE_ORDER.index(c.optimizer) if c.optimizer in BASELINE_ORDER else -1
     return (not c.learned, order, c.method)
