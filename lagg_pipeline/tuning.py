@@ -136,6 +136,11 @@ def grid_points(members: list, keys: list[str]) -> dict[tuple, object]:
     return points
 
 
+def grid_minutes(runs: list) -> float:
+    """The grid's wall time: its points' run durations summed (what `make tune` spends on it)."""
+    return round(sum(r.info.end_time - r.info.start_time for r in runs) / 60_000, 1)
+
+
 def neighbours(points, keys: list[str], best: tuple, key: str) -> list:
     """The values tried along ``key`` with every other key at the best point's value."""
     i = keys.index(key)
@@ -184,7 +189,7 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
         entry = {"values": values, "outer_valid_loss": float(score), "criterion": CRITERION, "grid_points": len(points),
                  "diverged_points": len(points) - len(scored), "grid": tried, "on_grid_edge": edges,
                  "extend": [extension(optimizer, task, h, k, values, key, beyond[key], extra) for key in edges],
-                 "seeds": seeds, "rounds": rounds, "batch": batch,
+                 "seeds": seeds, "rounds": rounds, "batch": batch, "grid_minutes": grid_minutes(chosen),
                  "sweep": [f"python -m lagg_pipeline --multirun {s}" for s in sweeps],
                  "mlflow": {"experiment": experiment_name, "parent_runs": parents, "best_run": best.info.run_id},
                  "selected": time.strftime("%Y-%m-%d")}

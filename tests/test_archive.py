@@ -1,5 +1,7 @@
 """Committed results: a group's curves round-trip exactly, measured rows replace archived ones,
 and the report judges archived groups beside the store's."""
+import json
+
 import numpy as np
 import pytest
 
@@ -11,23 +13,24 @@ KEY = GroupKey("mnist1d_large_mlp", 8, 4, 1000, 128, "iid")
 SKEWED = GroupKey("mnist1d_mlp", 8, 4, 1000, 128, "dirichlet(alpha=0.1, M=64)")
 
 
-def row(method, optimizer, level, valid_acc=True, shipped=None):
+def row(method, optimizer, level, valid_acc=True, shipped=None, seconds=None):
     rng = np.random.default_rng(len(method))
     train = (level + rng.random((3, 20))).astype(np.float32).astype(np.float64)
     evals = np.array([0, 10, 20])
     metric = lambda base: (base + rng.random((3, 3))).astype(np.float32).astype(np.float64)
     return Curves(method, optimizer, "local_learning_rate=0.5", optimizer == "fedavg", train, evals, metric(1.0),
-                  metric(0.5), metric(0.9), metric(0.5) if valid_acc else None, shipped)
+                  metric(0.5), metric(0.9), metric(0.5) if valid_acc else None, shipped, seconds)
 
 
 def test_a_group_round_trips_exactly_and_its_file_is_named_by_every_setting(tmp_path):
-    rows = [row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x"), row("fedavg", "fedavg", 0.3, valid_acc=False)]
+    rows = [row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x", seconds=812.5),
+            row("fedavg", "fedavg", 0.3, valid_acc=False)]
     path = archive.save_group(tmp_path, SKEWED, rows)
     assert path.name == "mnist1d_mlp_K8_H4_R1000_B128_dirichlet_alpha_0.1_M_64.npz"
     key, back = archive.load_group(path)
     assert key == SKEWED and [r.method for r in back] == ["lagg_a@x", "fedavg"]
     for a, b in zip(rows, back):
-        for field in ("method", "optimizer", "settings", "tuned", "shipped"):
+        for field in archive.FIELDS:
             assert getattr(a, field) == getattr(b, field)
         for name in archive.ARRAYS:
             if getattr(a, name) is None:
@@ -35,6 +38,27 @@ def test_a_group_round_trips_exactly_and_its_file_is_named_by_every_setting(tmp_
             else:
                 np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_file_written_before_wall_times_were_kept_reads_them_as_not_recorded(tmp_path):
+    path = archive.save_group(tmp_path, KEY, [row("fedavg", "fedavg", 0.3, seconds=60.0)])
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(arrays["__rows__"].tobytes().decode())
+    del meta["rows"][0]["run_seconds"]
+    arrays["__rows__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez_compressed(path, **arrays)
+    (back,) = archive.load_group(path)[1]
+    assert back.run_seconds is None
+
+
+def test_the_wall_time_line_sums_what_was_recorded_and_says_what_was_not():
+    from lagg_pipeline.report import judge, page
+
+    (j,) = judge.judge_groups({KEY: [row("lagg_a@x", "lagg_a", 0.1, seconds=600.0),
+                                     row("fedavg", "fedavg", 0.3, seconds=1200.0), row("slowmo", "slowmo", 0.3)]})
+    section = "\n".join(page.section(j, ""))
+    assert "Wall time of its runs: 30 min (1 of 3 not recorded)." in section
 
 
 def test_measured_rows_replace_archived_ones_and_the_rest_is_kept(tmp_path):

@@ -1,4 +1,5 @@
 """Tuned-value selection and the cross-run report's collection, on MLflow stores filled with known curves."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,17 @@ def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
     assert entry["grid"]["local_learning_rate"] == [0.1, 0.5, 1.0, 2.0] and entry["on_grid_edge"] == []
     assert entry["sweep"] == ["python -m lagg_pipeline --multirun hparams_search=fedavg H=4"]
     assert entry["mlflow"]["parent_runs"] == [parent.run_id]
+    grid = [r for r in client.search_runs([client.get_experiment_by_name("tuning").experiment_id])
+            if r.data.tags.get("mlflow.parentRunId") and r.data.tags.get("partition") is None]
+    assert len(grid) == 4 and entry["grid_minutes"] == tuning.grid_minutes(grid)
+
+
+def test_a_grids_wall_time_sums_its_points_runs():
+    from types import SimpleNamespace
+
+    runs = [SimpleNamespace(info=SimpleNamespace(start_time=t0, end_time=t0 + ms)) for t0, ms in ((5, 90_000),
+                                                                                                  (10**12, 30_000))]
+    assert tuning.grid_minutes(runs) == 2.0
 
 
 def test_a_choice_on_the_grid_edge_records_the_sweep_one_step_past_it(tmp_path):
@@ -212,6 +224,9 @@ def test_report_pools_seeds_of_one_method_and_keeps_the_newest_rerun(tmp_path):
     assert [c.method for c in curves] == ["lagg_a@digits_k8_h4", "fedavg", "fedadam"]
     assert curves[0].train_loss.shape == (4, R) and curves[1].train_loss.shape == (2, R)
     np.testing.assert_array_equal(curves[1].train_loss, fedavg)
+    seconds = lambda method: sum((r.info.end_time - r.info.start_time) / 1000 for r in client.search_runs(
+        [client.get_experiment_by_name("results").experiment_id], f"tags.method = '{method}'"))
+    assert curves[0].run_seconds == pytest.approx(seconds("lagg_a@digits_k8_h4"))  # both seeds' runs
     assert curves[1].settings == "local_learning_rate=0.5" and curves[2].settings.endswith("server_learning_rate=0.01")
     assert curves[0].settings == "local_learning_rate=0.5, meta-params: shipped digits_k8_h4"
     judged = judge.judge_groups(groups)
@@ -219,6 +234,9 @@ def test_report_pools_seeds_of_one_method_and_keeps_the_newest_rerun(tmp_path):
     assert "### digits_mlp, K=8, H=4, B=128, clients: dirichlet(alpha=0.1, M=64): 300 rounds, 2 seeds" in text
     assert text.count("No learned method ran in this group: nothing to judge.") == 1
     assert "### digits_mlp, K=8, H=4, B=128: 300 rounds, 2/4 seeds" in text
+    assert "Wall time of its runs: 0 min." in text  # milliseconds here
+    # the shipped tuned files' grids beside this store's runs; i.i.d. groups only
+    assert re.search(r"\n\| digits_mlp, K=8, H=4, B=128 \| 8 tuned \| [^|]+ \| 0 min \|\n\n", text)
     page.plot(judged, tmp_path)
     assert (tmp_path / f"digits_mlp_K8_H4_B128_R{R}.png").stat().st_size > 10_000
     assert (tmp_path / f"digits_mlp_K8_H4_B128_R{R}_dirichlet_alpha0.1_M64.png").is_file()

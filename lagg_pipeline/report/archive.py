@@ -24,7 +24,7 @@ from lagg_pipeline.report.collect import method_order
 from lagg_pipeline.report.curves import Curves, GroupKey
 
 ARRAYS = ("train_loss", "eval_rounds", "test_loss", "test_accuracy", "outer_valid_loss", "outer_valid_accuracy")
-FIELDS = ("method", "optimizer", "settings", "tuned", "shipped")
+FIELDS = ("method", "optimizer", "settings", "tuned", "shipped", "run_seconds")  # run_seconds: newer files
 _META = "__rows__"
 
 

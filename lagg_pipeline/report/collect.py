@@ -105,7 +105,7 @@ def collect(client, experiment_name: str, warn: Callable[[str], None] = print) -
 def _pool(client, label: str, method: str, runs: list, warn) -> Curves | None:
     """One row: the readable runs of one identity, seeds concatenated (None when none is readable)."""
     runs = sorted(runs, key=lambda r: int(r.data.tags["seed"]))
-    arrays = []
+    arrays, seconds = [], 0.0
     for run in runs:
         curves = _load_curves(client, run, method)
         where = f"run {run.info.run_id} ({method}, seed {run.data.tags['seed']}) is finished but"
@@ -115,6 +115,7 @@ def _pool(client, label: str, method: str, runs: list, warn) -> Curves | None:
             warn(f"warning: {where} its curves lack {', '.join(missing)}: left out of the report")
         else:
             arrays.append(curves)
+            seconds += (run.info.end_time - run.info.start_time) / 1000
     if not arrays:
         return None
     cat = lambda key: np.concatenate([a[key] for a in arrays], axis=0)
@@ -125,7 +126,7 @@ def _pool(client, label: str, method: str, runs: list, warn) -> Curves | None:
     valid_acc = cat("outer_valid_accuracy") if all("outer_valid_accuracy" in a for a in arrays) else None
     return Curves(label, first.data.tags["optimizer"], describe(first), not learned and ran_tuned(first),
                   cat("train_loss"), arrays[0]["eval_rounds"], cat("test_loss"), cat("test_accuracy"),
-                  cat("outer_valid_loss"), valid_acc, shipped)
+                  cat("outer_valid_loss"), valid_acc, shipped, seconds)
 
 
 def method_order(c: Curves):

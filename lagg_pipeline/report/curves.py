@@ -41,6 +41,7 @@ class Curves(NamedTuple):
     outer_valid_loss: np.ndarray  # [S, E]
     outer_valid_accuracy: np.ndarray | None  # [S, E]; None for runs logged before it was measured
     shipped: str | None = None  # "variant@name" of a shipped aggregator's run
+    run_seconds: float | None = None  # wall time of the pooled runs, summed; None where not recorded
 
     @property
     def learned(self) -> bool:

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from lagg_pipeline.report import sentences
+from lagg_pipeline.report.curves import GroupKey
 from lagg_pipeline.report.judge import TRAIN_TAIL, Check, Judged, Judgement, Stats, Verdict, finite_baselines
 from lagg_pipeline.report.plots import plot_group
 from lagg_pipeline.report.recommend import choose, time_ratio
@@ -54,6 +55,32 @@ def regime(j: Judged) -> str:
     paper = j.key.K * j.key.H * j.key.B * j.key.rounds / PAPER_TRAIN
     kind = "the paper's data regime" if train * 1.5 >= PAPER_TRAIN else "small-data regime"
     return f"{per_round * j.key.rounds:,.0f} epochs ({per_round:.2g} a round; the paper's: {paper:,.0f}): {kind}"
+
+
+def _minutes(seconds: list[float | None]) -> str:
+    known = [s for s in seconds if s is not None]
+    if not known:
+        return "not recorded"
+    missing = len(seconds) - len(known)
+    return f"{sum(known) / 60:,.0f} min" + (f" ({missing} of {len(seconds)} not recorded)" if missing else "")
+
+
+def tuning_minutes(key: GroupKey) -> list[float | None]:
+    """Each baseline's grid wall time at the group's task, H and K (its tuned file's ``grid_minutes``)."""
+    from lagg_pipeline.report.collect import BASELINE_ORDER
+    from lagg_pipeline.tuning import lookup
+
+    entries = [lookup(key.task, name, key.H, key.K) for name in BASELINE_ORDER]
+    return [e["grid_minutes"] * 60 if "grid_minutes" in e else None for e in entries if e is not None]
+
+
+def cost_table(judged: list[Judged]) -> list[str]:
+    """What regenerating each group took on the machine that measured it: the baselines' grids
+    (summed ``grid_minutes`` of the tuned files) and the group's benchmark runs (summed run times)."""
+    rows = [[j.key.title, f"{len(tuned)} tuned" if (tuned := tuning_minutes(j.key)) else "none tuned",
+             _minutes(tuned) if tuned else "—", _minutes([s.curves.run_seconds for s in j.test.rows])]
+            for j in judged if j.key.partition == "iid"]
+    return table(["group", "baselines", "their grids (`make tune`)", "its runs (`make results`)"], rows)
 
 
 def image_name(j: Judged) -> str:
@@ -180,7 +207,8 @@ def section(j: Judged, image_prefix: str) -> list[str]:
         if chosen else ""
     valid_card = scorecard(j.valid, chosen.name if chosen else None)
     targets = target_table(j.test)
-    return [f"### {title(j)}", "", f"Training length: {regime(j)}.", "",
+    return [f"### {title(j)}", "", f"Training length: {regime(j)}. Wall time of its runs: "
+            f"{_minutes([s.curves.run_seconds for s in j.test.rows])}.", "",
             f"Scorecard on the test split, judged against {against(j.test)}:"
             if j.test.reference else "No baseline with a finite seed.", "",
             *scorecard(j.test, chosen.name if chosen else None), "",
@@ -199,7 +227,9 @@ def plot(judged: list[Judged], out: Path) -> list[Path]:
 
 def markdown(judged: list[Judged], image_prefix: str = "", notes: Sequence[str] = ()) -> str:
     """The report's markdown; the plots lie under ``image_prefix``."""
-    parts = [SPLITS, "", *(f"> {note}" for note in notes), *([""] if notes else [])]
+    parts = [SPLITS, "", "Wall time on the machine that measured each group (2 cores, up to two jobs side by side; "
+             "summed MLflow run times; tuned files and groups written before it was recorded say so):", "",
+             *cost_table(judged), "", *(f"> {note}" for note in notes), *([""] if notes else [])]
     for j in judged:
         parts += section(j, image_prefix)
     return "\n".join(parts)
