@@ -424,3 +424,31 @@ def test_collect_skips_a_run_missing_a_tag_or_a_curve_key_with_a_warning(monkeyp
     assert warnings == [f"warning: run {untagged.run_id} (fedadam) lacks seed: left out of the report",
                         f"warning: run {partial.run_id} (slowmo, seed 0) is finished but its curves lack test_loss: "
                         f"left out of the report"]
+
+
+def test_the_headline_says_from_which_round_the_chosen_aggregator_meets_each_criterion_in_the_papers_regime():
+    from lagg_pipeline.report.curves import Curves, GroupKey
+
+    rounds, r = np.arange(0, 1001, 50), np.arange(1, 1001, dtype=float)
+    flat = lambda value: np.full((2, len(rounds)), value)
+    accuracy = np.where(rounds < 300, 0.85, 0.91) * np.ones((2, 1))  # below the margin until round 300
+    row = lambda method, optimizer, train, acc, shipped=None: Curves(
+        method, optimizer, "", shipped is None, np.stack([train] * 2), rounds, flat(0.3), acc, flat(0.3), acc, shipped)
+    name = "lagg_a@mnist1d_large_k8_h4_mix"  # a shipped file: the verdict on outer-valid may choose it
+    key = GroupKey("mnist1d_large_mlp", 8, 4, 1000, 128, "iid")
+    groups = {key: [row(name, "lagg_a", 0.5 / np.sqrt(r), accuracy, shipped=name),
+                    row("fedavg", "fedavg", 1 / np.sqrt(r), flat(0.9))]}
+    text = headline.headline(judge.judge_groups(groups), "r.md")
+    line = next(l for l in text.splitlines() if l.startswith("- **mnist1d_large_mlp"))
+    assert line.startswith(f"- **mnist1d_large_mlp, K=8, H=4, B=128**, {name}: (1) train loss at every evaluation, "
+                           f"(2) test accuracy from round 300 on, (3) test loss at every evaluation; at round 1000: "
+                           f"test accuracy 0.910 vs 0.900 (fedavg), test loss 0.3 vs 0.3 (fedavg), train loss ")
+    small = {key._replace(task="digits_mlp"): groups[key]}  # the small-data regime: the table alone
+    assert "- **" not in headline.headline(judge.judge_groups(small), "r.md")
+
+
+def test_a_criterion_missed_at_the_last_evaluation_says_so():
+    check = judge.Check(np.array([True, False, True, False]), *(np.zeros(4),) * 2, ["x"] * 4, np.zeros(4))
+    assert headline.since(check, np.array([100, 150, 200, 250])) == "at 2 of 4, not at the last"
+    assert headline.since(check._replace(ok=np.array([False, True, True, True])), np.array([100, 150, 200, 250])) \
+        == "from round 150 on"

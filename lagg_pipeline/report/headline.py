@@ -1,12 +1,15 @@
 """Render, for the README: one row per comparison, built from the judgements (never from the
 page's sentences). Each row names what it is judged against, the aggregator the outer-valid verdict
 chose and that one's test scorecard (k/N per criterion), and the best of any learned row on test;
-a second table holds the verdicts against FedAvg alone."""
+under it, for the paper's data regime, from which round each criterion holds and the last
+evaluation's values; a second table holds the verdicts against FedAvg alone."""
 from __future__ import annotations
 
 import re
 
-from lagg_pipeline.report.judge import Judged, Judgement, Verdict
+import numpy as np
+
+from lagg_pipeline.report.judge import Check, Judged, Judgement, Verdict
 from lagg_pipeline.report.page import against, regime, time_cell, title
 from lagg_pipeline.report.recommend import choose, rank
 
@@ -47,6 +50,30 @@ def _row(link: str, versus: str, chosen: str, test: list[Verdict]) -> str:
             + " | ".join(_counts(mine)) + f" | {time_cell(mine)} | {shipped_label(best.name)} ({best_counts}) |")
 
 
+def since(check: Check, judged) -> str:
+    """Over which evaluations a criterion holds: at every one, from a round on, or not at the last."""
+    missed = np.flatnonzero(~check.ok)
+    if not len(missed):
+        return "at every evaluation"
+    if missed[-1] == len(check.ok) - 1:
+        return f"at {int(check.ok.sum())} of {len(check.ok)}, not at the last"
+    return f"from round {judged[missed[-1] + 1]} on"
+
+
+def standing(j: Judged, chosen: str) -> str | None:
+    """One line on the chosen aggregator's test verdict: from which round each criterion holds, and
+    its last evaluation's values beside the best baseline's (None: not judged on test)."""
+    v = next((v for v in j.test.verdicts if v.name == chosen.split(" (")[0]), None)
+    if v is None:
+        return None
+    c = v.checks
+    last = lambda check, f: f"{f(check.mine[-1])} vs {f(check.best[-1])} ({check.owner[-1]})"
+    return (f"- **{j.key.title}**, {chosen}: (1) train loss {since(c['train'], v.judged)}, (2) test accuracy "
+            f"{since(c['accuracy'], v.judged)}, (3) test loss {since(c['loss'], v.judged)}; at round "
+            f"{v.judged[-1]}: test accuracy {last(c['accuracy'], '{:.3f}'.format)}, test loss "
+            f"{last(c['loss'], '{:.3g}'.format)}, train loss {last(c['train'], '{:.3g}'.format)}.")
+
+
 def _choice(valid: Judgement) -> str | None:
     """The label of the row the outer-valid verdict ranks first: a shipped one, else any learned one (said)."""
     if shipped := choose(valid):
@@ -57,7 +84,8 @@ def _choice(valid: Judgement) -> str | None:
 
 def headline(judged: list[Judged], link: str) -> str:
     """The README's tables; ``link``: the Results page relative to the README."""
-    every, alone = [HEADER], ["Against FedAvg alone (the goal on tasks outside the meta-training family):", "",
+    every, stands = [HEADER], []
+    alone = ["Against FedAvg alone (the goal on tasks outside the meta-training family):", "",
                               HEADER]
     for j in sorted(judged, key=lambda j: "the paper's data regime" not in regime(j)):  # the main comparison first
         chosen = _choice(j.valid)
@@ -65,11 +93,15 @@ def headline(judged: list[Judged], link: str) -> str:
             continue
         cell = f"[{j.key.title}]({link}#{anchor(title(j))}) | {regime(j)}"
         every.append(_row(cell, against(j.test), chosen, j.test.verdicts))
+        if "the paper's data regime" in regime(j) and (line := standing(j, chosen)):
+            stands.append(line)
         if j.test.alone:
             versus = f"{j.test.alone[0].fedavg_alone} FedAvg ({len(j.test.alone[0].against)} row" + \
                      ("s)" if len(j.test.alone[0].against) > 1 else ")")
             alone.append(_row(cell, versus, chosen, j.test.alone))
-    return "\n".join(every + ([""] + alone if len(alone) > 3 else []))
+    stands = ["", "In the paper's data regime, where each chosen aggregator meets each criterion (test split) and "
+              "its last evaluation beside the best baseline's:", "", *stands] if stands else []
+    return "\n".join(every + stands + ([""] + alone if len(alone) > 3 else []))
 
 
 def shipped_table() -> str:
