@@ -72,6 +72,19 @@ def test_measured_rows_replace_archived_ones_and_the_rest_is_kept(tmp_path):
     np.testing.assert_array_equal(fedavg.train_loss, measured[KEY][0].train_loss)  # the new measurement wins
 
 
+def test_a_measured_namesake_that_relabels_an_archived_row_replaces_it():
+    """A second step size of one shipped aggregator relabels both rows by γ: the archived row, under its old
+    label, is the same method as the measured one at γ=0.5 and must not stand beside it."""
+    shipped = lambda gamma: row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x")._replace(
+        settings=f"local_learning_rate={gamma}, meta-params: shipped x")
+    archived = {KEY: [shipped(0.5), row("fedavg", "fedavg", 0.3)]}
+    measured = {KEY: [shipped(0.5)._replace(method="lagg_a@x (local_learning_rate=0.5)"),
+                      shipped(1.0)._replace(method="lagg_a@x (local_learning_rate=1.0)")]}
+    groups, kept = archive.merge(archived, measured)
+    assert [r.method for r in groups[KEY]] == ["lagg_a@x (local_learning_rate=0.5)", "lagg_a@x (local_learning_rate=1.0)",
+                                               "fedavg"] and kept == {KEY: ["fedavg"]}
+
+
 def test_an_unreadable_archive_file_is_one_line(tmp_path):
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="results archive file .*broken.npz is unreadable"):

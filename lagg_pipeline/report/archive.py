@@ -6,7 +6,7 @@ them beside the groups it measures itself.
 
 A group's file holds every row's per-seed curves (float32) and, as JSON, the group's settings
 and each row's identity; it is read back with ``allow_pickle=False``. Merging: a row measured in
-the store replaces the archived row of the same label in its group; archived rows and groups the
+the store replaces the archived row of the same label or identity in its group; archived rows and groups the
 store lacks are kept.
 """
 from __future__ import annotations
@@ -82,13 +82,16 @@ def load(folder: Path) -> dict[GroupKey, list[Curves]]:
 
 
 def merge(archived: dict[GroupKey, list[Curves]], measured: dict[GroupKey, list[Curves]]):
-    """(groups, labels of the archived rows kept per group): measured rows replace archived ones of
-    the same label; everything else archived is kept."""
+    """(groups, labels of the archived rows kept per group): a measured row replaces the archived ones
+    of its label or of its identity (optimizer, settings, meta-parameters: a label names what differs
+    from the other rows of its group, so a new namesake relabels the same method); everything else
+    archived is kept."""
     groups, kept = {}, {}
+    identity = lambda row: (row.optimizer, row.settings, row.shipped)
     for key in sorted(set(archived) | set(measured)):
         new = measured.get(key, [])
-        fresh = {row.method for row in new}
-        old = [row for row in archived.get(key, []) if row.method not in fresh]
+        labels, identities = {row.method for row in new}, {identity(row) for row in new}
+        old = [row for row in archived.get(key, []) if row.method not in labels and identity(row) not in identities]
         if old:
             kept[key] = [row.method for row in old]
         groups[key] = sorted(old + new, key=method_order)
