@@ -2,7 +2,8 @@
 
 A choice on the edge of its grid (a momentum at 0 is not an edge: nothing lies beyond) is
 recorded with the sweep that tries one step past it; ``make tune-extend`` runs those and
-selects again.
+selects again; on a fresh store, where only those sweeps ran, the recorded choice competes with
+them.
 
 A grid recipe (``conf/hparams_search/<optimizer>.yaml``) sweeps a method's keys into the
 MLflow experiment ``tuning``. :func:`select` picks, per (task, optimizer, H, K, clients), the grid
@@ -16,6 +17,7 @@ uses the values tuned over those same clients when a grid ran there, else the i.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from importlib import resources
 from pathlib import Path
@@ -167,39 +169,12 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
         keys = grid_keys(optimizer)
         if not keys:
             continue
-        points = grid_points(members, keys)
-        scored = [(score_of(client, r, budget(r)[0]), point, r) for point, r in points.items()
-                  if r.data.metrics.get(DIVERGED_SEEDS, 0) == 0]
-        scored = [item for item in scored if np.isfinite(item[0])]
-        if not scored:
-            continue
-        score, best_point, best = min(scored, key=lambda item: item[0])
-        values = dict(zip(keys, best_point))
-        tried = {key: sorted({p[i] for p in points}) for i, key in enumerate(keys)}
-        beyond = {key: beyond_edge(key, values[key], neighbours(points, keys, best_point, key)) for key in keys}
-        edges = [key for key in keys if beyond[key] is not None]
-        chosen = list(points.values())
-        parents = sorted({r.data.tags["mlflow.parentRunId"] for r in chosen})
-        sweeps = sorted({client.get_run(p).data.params.get("sweep_overrides", "?") for p in parents})
-        recipe = _recipe(optimizer)  # an extension keeps the budget the grid ran with
-        extra = [f"{key}={best.data.params[key]}" for key in ("num_runs", "num_rounds")
-                 if key in best.data.params and _typed(best.data.params[key]) != recipe[key]]
-        extra += partition_overrides(best.data.params) if partition != "iid" else []
-        rounds, seeds, batch = budget(best)
-        entry = {"values": values, "outer_valid_loss": float(score), "criterion": CRITERION, "grid_points": len(points),
-                 "diverged_points": len(points) - len(scored), "grid": tried, "on_grid_edge": edges,
-                 "extend": [extension(optimizer, task, h, k, values, key, beyond[key], extra) for key in edges],
-                 "seeds": seeds, "rounds": rounds, "batch": batch, "grid_minutes": grid_minutes(chosen),
-                 "sweep": [f"python -m lagg_pipeline --multirun {s}" for s in sweeps],
-                 "mlflow": {"experiment": experiment_name, "parent_runs": parents, "best_run": best.info.run_id},
-                 "selected": time.strftime("%Y-%m-%d")}
-        other_budgets = sorted({budget(r) for r in members} - {budget(best)})
-        if other_budgets:
-            entry["other_budgets_ignored"] = [f"{r} rounds x {s} seeds, batch {b}" for r, s, b in other_budgets]
         path = out_root / task / f"{optimizer}.yaml"
-        if partition != "iid":
-            entry["clients"] = partition
-        written.setdefault(path, {})[entry_name(h, k, partition)] = entry
+        name = entry_name(h, k, partition)
+        entry = _choose(client, experiment_name, task, optimizer, h, k, partition, members, keys,
+                        _recorded(path, name))
+        if entry is not None:
+            written.setdefault(path, {})[name] = entry
     for path, entries in written.items():
         existing = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +186,70 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
                   f"# sweeps one step past a grid edge the choice sits on (`make tune-extend` runs them).\n")
         path.write_text(header + OmegaConf.to_yaml(OmegaConf.create({**existing, **entries})))
     return sorted(written)
+
+
+def _recorded(path: Path, name: str) -> dict | None:
+    """The entry ``name`` of a tuned file, if recorded."""
+    return OmegaConf.to_container(OmegaConf.load(path)).get(name) if path.is_file() else None
+
+
+def _choose(client, experiment_name, task, optimizer, h, k, partition, members, keys, recorded) -> dict | None:
+    """The tuned entry of one (task, optimizer, H, K, clients) from its runs in the store.
+
+    A recorded entry whose grid the store does not hold (a fresh store that ran only the sweeps past
+    its edges) competes with the store's points at the same budget: the lower score wins, and the
+    grid, sweeps and costs are the union of both."""
+    points = grid_points(members, keys)
+    scored = [(score_of(client, r, budget(r)[0]), point, r) for point, r in points.items()
+              if r.data.metrics.get(DIVERGED_SEEDS, 0) == 0]
+    scored = [item for item in scored if np.isfinite(item[0])]
+    if not scored:
+        return None
+    score, best_point, best = min(scored, key=lambda item: item[0])
+    rounds, seeds, batch = budget(best)
+    run_ids = {r.info.run_id for r in members}
+    rival = recorded if (recorded is not None and recorded.get("mlflow", {}).get("best_run") not in run_ids
+                         and tuple(recorded.get(k) for k in ("rounds", "seeds", "batch")) == (rounds, seeds, batch)) else None
+    tried, chosen = {key: sorted({p[i] for p in points}) for i, key in enumerate(keys)}, list(points.values())
+    parents = sorted({r.data.tags["mlflow.parentRunId"] for r in chosen})
+    sweeps = [f"python -m lagg_pipeline --multirun {s}"
+              for s in sorted({client.get_run(p).data.params.get("sweep_overrides", "?") for p in parents})]
+    if rival is not None and rival["outer_valid_loss"] <= score:
+        values, score, best_run = rival["values"], rival["outer_valid_loss"], rival["mlflow"]["best_run"]
+        best_point = tuple(values[key] for key in keys)
+    else:
+        values, best_run = dict(zip(keys, best_point)), best.info.run_id
+
+    def along(key):  # the values tried along key with every other key at the choice's
+        near = set(neighbours(points, keys, best_point, key))
+        if rival is not None and all(values[other] in rival["grid"][other] for other in keys if other != key):
+            near |= set(rival["grid"][key])  # the recorded grid is a full product of its values
+        return sorted(near)
+
+    beyond = {key: beyond_edge(key, values[key], along(key)) for key in keys}
+    edges = [key for key in keys if beyond[key] is not None]
+    recipe = _recipe(optimizer)  # an extension keeps the budget the grid ran with
+    extra = [f"{key}={best.data.params[key]}" for key in ("num_runs", "num_rounds")
+             if key in best.data.params and _typed(best.data.params[key]) != recipe[key]]
+    extra += partition_overrides(best.data.params) if partition != "iid" else []
+    grid_size, diverged, minutes = len(points), len(points) - len(scored), grid_minutes(chosen)
+    if rival is not None:
+        tried = {key: sorted(set(tried[key]) | set(rival["grid"][key])) for key in keys}
+        grid_size, diverged = grid_size + rival["grid_points"], diverged + rival["diverged_points"]
+        minutes, sweeps = round(minutes + rival.get("grid_minutes", 0.0), 1), list(dict.fromkeys(rival["sweep"] + sweeps))
+        parents = sorted(set(rival["mlflow"]["parent_runs"]) | set(parents))
+    entry = {"values": values, "outer_valid_loss": float(score), "criterion": CRITERION, "grid_points": grid_size,
+             "diverged_points": diverged, "grid": tried, "on_grid_edge": edges,
+             "extend": [extension(optimizer, task, h, k, values, key, beyond[key], extra) for key in edges],
+             "seeds": seeds, "rounds": rounds, "batch": batch, "grid_minutes": minutes, "sweep": sweeps,
+             "mlflow": {"experiment": experiment_name, "parent_runs": parents, "best_run": best_run},
+             "selected": time.strftime("%Y-%m-%d")}
+    other_budgets = sorted({budget(r) for r in members} - {budget(best)})
+    if other_budgets:
+        entry["other_budgets_ignored"] = [f"{r} rounds x {s} seeds, batch {b}" for r, s, b in other_budgets]
+    if partition != "iid":
+        entry["clients"] = partition
+    return entry
 
 
 def beyond_edge(key: str, best, tried: list):
@@ -241,18 +280,15 @@ def partition_overrides(params: dict) -> list[str]:
 
 def extension_sweeps(root: Path | None = None) -> list[str]:
     """Every recorded extension sweep (overrides for ``python -m lagg_pipeline --multirun``)."""
-    root = root or tuned_root()
-    return [line for path in sorted(root.glob("*/*.yaml"))
+    return [line for path in sorted((root or tuned_root()).glob("*/*.yaml"))
             for entry in OmegaConf.to_container(OmegaConf.load(path)).values() for line in entry.get("extend", [])]
 
 
 def _typed(text: str):
     """An MLflow param (always a string) back to the number it was."""
     for cast in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return cast(text)
-        except ValueError:
-            pass
     return text
 
 

@@ -55,3 +55,40 @@ def test_select_reads_the_logged_curve_and_never_picks_a_point_where_one_seed_di
     entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert entry["values"] == {"local_learning_rate": 0.5} and entry["outer_valid_loss"] == pytest.approx(0.4)
     assert entry["diverged_points"] == 1 and entry["criterion"] == tuning.CRITERION
+
+
+def _grid(lrs_and_losses, overrides):
+    """Log one sweep of fedavg points (3 seeds x 200 rounds) with its parent run."""
+    parent = tracking.start_run(tracking_cfg("tuning"), "sweep", {"sweep": "parent"})
+    parent.log_params({"sweep_overrides": overrides})
+    train = np.full((3, 200), 0.5)
+    train[:, 0] = 2.3
+    for lr, ov in lrs_and_losses:
+        log_run("tuning", "fedavg", result(train, np.full((3, 5), ov)), params={"local_learning_rate": lr},
+                parent=parent.run_id)
+
+
+@pytest.mark.parametrize("beyond_loss, chosen, edges", [(0.2, 6.0, ["local_learning_rate"]), (0.6, 2.0, [])])
+def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_edge(tmp_path, monkeypatch,
+                                                                                   beyond_loss, chosen, edges):
+    _grid(((0.5, 0.7), (1.0, 0.5), (2.0, 0.4)), "hparams_search=fedavg H=4")
+    client, _ = tracking.client(tracking_cfg("tuning"))
+    root = tmp_path / "tuned"
+    (path,) = tuning.select(client, "tuning", root)
+    first = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
+    assert first["values"] == {"local_learning_rate": 2.0} and first["on_grid_edge"] == ["local_learning_rate"]
+    assert first["extend"] == ["hparams_search=fedavg task=digits_mlp H=4 k=8 local_learning_rate=6.0 num_rounds=200"]
+
+    # A new machine: a fresh store runs only the sweep past the edge; the grid that chose 2.0 is not in it.
+    (tmp_path / "new_machine").mkdir()
+    monkeypatch.chdir(tmp_path / "new_machine")  # the default store is ./outputs/mlflow.db
+    _grid(((6.0, beyond_loss),), "hparams_search=fedavg H=4 k=8 local_learning_rate=6.0")
+    client, _ = tracking.client(tracking_cfg("tuning"))
+    tuning.select(client, "tuning", root)
+    entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
+    assert entry["values"] == {"local_learning_rate": chosen}
+    assert entry["outer_valid_loss"] == pytest.approx(min(0.4, beyond_loss))
+    assert entry["grid"] == {"local_learning_rate": [0.5, 1.0, 2.0, 6.0]} and entry["grid_points"] == 4
+    assert entry["on_grid_edge"] == edges  # 6.0 won: the next step is 18; 2.0 held: 6.0 closed the edge
+    assert len(entry["sweep"]) == 2 and len(entry["mlflow"]["parent_runs"]) == 2
+    assert (entry["mlflow"]["best_run"] == first["mlflow"]["best_run"]) == (chosen == 2.0)
