@@ -194,31 +194,30 @@ def _recorded(path: Path, name: str) -> dict | None:
 
 
 def _choose(client, experiment_name, task, optimizer, h, k, partition, members, keys, recorded) -> dict | None:
-    """The tuned entry of one (task, optimizer, H, K, clients) from its runs in the store.
-
-    A recorded entry whose grid the store does not hold (a fresh store that ran only the sweeps past
-    its edges) competes with the store's points at the same budget: the lower score wins, and the
-    grid, sweeps and costs are the union of both."""
+    """The tuned entry of one (task, optimizer, H, K, clients) from its runs in the store. A recorded entry
+    whose grid the store does not hold (a fresh store ran only the sweeps past its edges) competes with the
+    store's points at the same budget: the lower score wins; grids, sweeps and costs are the union of both."""
     points = grid_points(members, keys)
     scored = [(score_of(client, r, budget(r)[0]), point, r) for point, r in points.items()
               if r.data.metrics.get(DIVERGED_SEEDS, 0) == 0]
     scored = [item for item in scored if np.isfinite(item[0])]
-    if not scored:
-        return None
-    score, best_point, best = min(scored, key=lambda item: item[0])
+    top = min(scored, key=lambda item: item[0]) if scored else None
+    best = top[2] if top else next(iter(points.values()))  # the newest budget's points share its params
     rounds, seeds, batch = budget(best)
-    run_ids = {r.info.run_id for r in members}
-    rival = recorded if (recorded is not None and recorded.get("mlflow", {}).get("best_run") not in run_ids
+    ids = {r.info.run_id for r in members}
+    rival = recorded if (recorded is not None and recorded.get("mlflow", {}).get("best_run") not in ids
                          and tuple(recorded.get(k) for k in ("rounds", "seeds", "batch")) == (rounds, seeds, batch)) else None
+    if top is None and rival is None:
+        return None
     tried, chosen = {key: sorted({p[i] for p in points}) for i, key in enumerate(keys)}, list(points.values())
     parents = sorted({r.data.tags["mlflow.parentRunId"] for r in chosen})
     sweeps = [f"python -m lagg_pipeline --multirun {s}"
               for s in sorted({client.get_run(p).data.params.get("sweep_overrides", "?") for p in parents})]
-    if rival is not None and rival["outer_valid_loss"] <= score:
+    if rival is not None and (top is None or rival["outer_valid_loss"] <= top[0]):
         values, score, best_run = rival["values"], rival["outer_valid_loss"], rival["mlflow"]["best_run"]
-        best_point = tuple(values[key] for key in keys)
+        best_point = tuple(values[key] for key in keys)  # every point past its edge diverged or scored worse
     else:
-        values, best_run = dict(zip(keys, best_point)), best.info.run_id
+        (score, best_point, _), values, best_run = top, dict(zip(keys, top[1])), best.info.run_id
 
     def along(key):  # the values tried along key with every other key at the choice's
         near = set(neighbours(points, keys, best_point, key))
@@ -236,7 +235,8 @@ def _choose(client, experiment_name, task, optimizer, h, k, partition, members, 
     if rival is not None:
         tried = {key: sorted(set(tried[key]) | set(rival["grid"][key])) for key in keys}
         grid_size, diverged = grid_size + rival["grid_points"], diverged + rival["diverged_points"]
-        minutes, sweeps = round(minutes + rival.get("grid_minutes", 0.0), 1), list(dict.fromkeys(rival["sweep"] + sweeps))
+        minutes = round(minutes + rival.get("grid_minutes", 0.0), 1)
+        sweeps = list(dict.fromkeys(rival["sweep"] + sweeps))
         parents = sorted(set(rival["mlflow"]["parent_runs"]) | set(parents))
     entry = {"values": values, "outer_valid_loss": float(score), "criterion": CRITERION, "grid_points": grid_size,
              "diverged_points": diverged, "grid": tried, "on_grid_edge": edges,

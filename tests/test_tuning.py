@@ -58,17 +58,19 @@ def test_select_reads_the_logged_curve_and_never_picks_a_point_where_one_seed_di
 
 
 def _grid(lrs_and_losses, overrides):
-    """Log one sweep of fedavg points (3 seeds x 200 rounds) with its parent run."""
+    """Log one sweep of fedavg points (3 seeds x 200 rounds) with its parent run; a loss None diverged."""
     parent = tracking.start_run(tracking_cfg("tuning"), "sweep", {"sweep": "parent"})
     parent.log_params({"sweep_overrides": overrides})
     train = np.full((3, 200), 0.5)
     train[:, 0] = 2.3
     for lr, ov in lrs_and_losses:
-        log_run("tuning", "fedavg", result(train, np.full((3, 5), ov)), params={"local_learning_rate": lr},
-                parent=parent.run_id)
+        curve = train if ov is not None else np.where(np.arange(200) > 20, np.inf, train)
+        log_run("tuning", "fedavg", result(curve, np.full((3, 5), np.inf if ov is None else ov)),
+                params={"local_learning_rate": lr}, parent=parent.run_id)
 
 
-@pytest.mark.parametrize("beyond_loss, chosen, edges", [(0.2, 6.0, ["local_learning_rate"]), (0.6, 2.0, [])])
+@pytest.mark.parametrize("beyond_loss, chosen, edges", [(0.2, 6.0, ["local_learning_rate"]), (0.6, 2.0, []),
+                                                        (None, 2.0, [])])  # None: every seed past the edge diverged
 def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_edge(tmp_path, monkeypatch,
                                                                                    beyond_loss, chosen, edges):
     _grid(((0.5, 0.7), (1.0, 0.5), (2.0, 0.4)), "hparams_search=fedavg H=4")
@@ -87,7 +89,8 @@ def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_e
     tuning.select(client, "tuning", root)
     entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert entry["values"] == {"local_learning_rate": chosen}
-    assert entry["outer_valid_loss"] == pytest.approx(min(0.4, beyond_loss))
+    assert entry["outer_valid_loss"] == pytest.approx(min(0.4, beyond_loss or np.inf))
+    assert entry["diverged_points"] == (beyond_loss is None)
     assert entry["grid"] == {"local_learning_rate": [0.5, 1.0, 2.0, 6.0]} and entry["grid_points"] == 4
     assert entry["on_grid_edge"] == edges  # 6.0 won: the next step is 18; 2.0 held: 6.0 closed the edge
     assert len(entry["sweep"]) == 2 and len(entry["mlflow"]["parent_runs"]) == 2
