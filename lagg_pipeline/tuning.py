@@ -171,8 +171,8 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
             continue
         path = out_root / task / f"{optimizer}.yaml"
         name = entry_name(h, k, partition)
-        entry = _choose(client, experiment_name, task, optimizer, h, k, partition, members, keys,
-                        _recorded(path, name))
+        recorded = OmegaConf.to_container(OmegaConf.load(path)).get(name) if path.is_file() else None
+        entry = _choose(client, experiment_name, task, optimizer, h, k, partition, members, keys, recorded)
         if entry is not None:
             written.setdefault(path, {})[name] = entry
     for path, entries in written.items():
@@ -188,15 +188,10 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
     return sorted(written)
 
 
-def _recorded(path: Path, name: str) -> dict | None:
-    """The entry ``name`` of a tuned file, if recorded."""
-    return OmegaConf.to_container(OmegaConf.load(path)).get(name) if path.is_file() else None
-
-
 def _choose(client, experiment_name, task, optimizer, h, k, partition, members, keys, recorded) -> dict | None:
     """The tuned entry of one (task, optimizer, H, K, clients) from its runs in the store. A recorded entry
-    whose grid the store does not hold (a fresh store ran only the sweeps past its edges) competes with the
-    store's points at the same budget: the lower score wins; grids, sweeps and costs are the union of both."""
+    whose sweeps the store does not all hold (a fresh store ran only the sweeps past its edges) competes with
+    the store's points at the same budget: the lower score wins; grids, sweeps and costs are the union."""
     points = grid_points(members, keys)
     scored = [(score_of(client, r, budget(r)[0]), point, r) for point, r in points.items()
               if r.data.metrics.get(DIVERGED_SEEDS, 0) == 0]
@@ -204,8 +199,8 @@ def _choose(client, experiment_name, task, optimizer, h, k, partition, members, 
     top = min(scored, key=lambda item: item[0]) if scored else None
     best = top[2] if top else next(iter(points.values()))  # the newest budget's points share its params
     rounds, seeds, batch = budget(best)
-    ids = {r.info.run_id for r in members}
-    rival = recorded if (recorded is not None and recorded.get("mlflow", {}).get("best_run") not in ids
+    here = {r.data.tags["mlflow.parentRunId"] for r in members}  # a recorded grid partly elsewhere competes
+    rival = recorded if (recorded is not None and set(recorded.get("mlflow", {}).get("parent_runs", [])) - here
                          and tuple(recorded.get(k) for k in ("rounds", "seeds", "batch")) == (rounds, seeds, batch)) else None
     if top is None and rival is None:
         return None
@@ -231,7 +226,10 @@ def _choose(client, experiment_name, task, optimizer, h, k, partition, members, 
     extra = [f"{key}={best.data.params[key]}" for key in ("num_runs", "num_rounds")
              if key in best.data.params and _typed(best.data.params[key]) != recipe[key]]
     extra += partition_overrides(best.data.params) if partition != "iid" else []
-    grid_size, diverged, minutes = len(points), len(points) - len(scored), grid_minutes(chosen)
+    if rival is not None:  # the store's points the recorded entry does not count yet (selecting again adds none)
+        chosen = [r for r in chosen if r.data.tags["mlflow.parentRunId"] not in rival["mlflow"]["parent_runs"]]
+    good = {r.info.run_id for _, _, r in scored}
+    grid_size, diverged, minutes = len(chosen), sum(r.info.run_id not in good for r in chosen), grid_minutes(chosen)
     if rival is not None:
         tried = {key: sorted(set(tried[key]) | set(rival["grid"][key])) for key in keys}
         grid_size, diverged = grid_size + rival["grid_points"], diverged + rival["diverged_points"]
