@@ -447,6 +447,30 @@ def test_the_headline_says_from_which_round_the_chosen_aggregator_meets_each_cri
     assert "- **" not in headline.headline(judge.judge_groups(small), "r.md")
 
 
+def test_the_headline_scores_the_chosen_namesake_not_the_row_its_label_starts_with():
+    """A shipped file run at two local learning rates: the outer-valid verdict chooses the γ=1.0 row, and the
+    headline's scorecard and standing line are that row's, not the plain γ=0.5 row's."""
+    from lagg_pipeline.report.curves import Curves, GroupKey
+
+    rounds, r = np.arange(0, 1001, 50), np.arange(1, 1001, dtype=float)
+    flat = lambda value: np.full((2, len(rounds)), value)
+    late = np.where(rounds < 300, 0.85, 0.91) * np.ones((2, 1))  # below the margin until round 300
+    row = lambda method, optimizer, train, acc, shipped=None: Curves(
+        method, optimizer, "", shipped is None, np.stack([train] * 2), rounds, flat(0.3), acc, flat(0.3), acc, shipped)
+    name = "lagg_a@mnist1d_large_k8_h4_mix"
+    key = GroupKey("mnist1d_large_mlp", 8, 4, 1000, 128, "iid")
+    groups = {key: [row(name, "lagg_a", 0.5 / np.sqrt(r), late, shipped=name),
+                    row(f"{name} (local_learning_rate=1.0)", "lagg_a", 0.5 / np.sqrt(r), flat(0.91), shipped=name),
+                    row("fedavg", "fedavg", 1 / np.sqrt(r), flat(0.9))]}
+    text = headline.headline(judge.judge_groups(groups), "r.md")
+    chosen = f"{name} (local_learning_rate=1.0)"
+    (table_row,) = [l for l in text.splitlines() if l.startswith("| [mnist1d_large_mlp") and "1 row" not in l]
+    assert f"| {chosen} | yes | **19/19** | **19/19** | **19/19** |" in table_row
+    line = next(l for l in text.splitlines() if l.startswith("- **mnist1d_large_mlp"))
+    assert line.startswith(f"- **mnist1d_large_mlp, K=8, H=4, B=128**, {chosen}: (1) train loss at every evaluation, "
+                           f"(2) test accuracy at every evaluation,")
+
+
 def test_a_criterion_missed_at_the_last_evaluation_says_so():
     check = judge.Check(np.array([True, False, True, False]), *(np.zeros(4),) * 2, ["x"] * 4, np.zeros(4))
     assert headline.since(check, np.array([100, 150, 200, 250])) == "at 2 of 4, not at the last"

@@ -6,6 +6,7 @@ evaluation's values; a second table holds the verdicts against FedAvg alone."""
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,10 +39,10 @@ def _counts(v: Verdict) -> list[str]:
             for c in (v.checks[k] for k in ("train", "accuracy", "loss"))]
 
 
-def _row(link: str, versus: str, chosen: str, test: list[Verdict]) -> str:
+def _row(link: str, versus: str, chosen: Choice, test: list[Verdict]) -> str:
     """One comparison (``link`` holds its first two cells): the chosen row's test scorecard and the best
     test verdict of any row."""
-    mine = next((v for v in test if v.name == chosen.split(" (")[0]), None)
+    mine, chosen = next((v for v in test if v.name == chosen.name), None), chosen.shown
     best = max(test, key=rank)
     if mine is None:
         return f"| {link} | {versus} | {chosen} | not judged on test | — | — | — | — | — |"
@@ -60,10 +61,10 @@ def since(check: Check, judged) -> str:
     return f"from round {judged[missed[-1] + 1]} on"
 
 
-def standing(j: Judged, chosen: str) -> str | None:
+def standing(j: Judged, chosen: Choice) -> str | None:
     """One line on the chosen aggregator's test verdict: from which round each criterion holds, and
     its last evaluation's values beside the best baseline's (None: not judged on test)."""
-    v = next((v for v in j.test.verdicts if v.name == chosen.split(" (")[0]), None)
+    v, chosen = next((v for v in j.test.verdicts if v.name == chosen.name), None), chosen.shown
     if v is None:
         return None
     c = v.checks
@@ -74,12 +75,19 @@ def standing(j: Judged, chosen: str) -> str | None:
             f"{last(c['loss'], '{:.3g}'.format)}, train loss {last(c['train'], '{:.3g}'.format)}.")
 
 
-def _choice(valid: Judgement) -> str | None:
-    """The label of the row the outer-valid verdict ranks first: a shipped one, else any learned one (said)."""
+class Choice(NamedTuple):
+    """The row the outer-valid verdict ranks first: its label (the verdicts' name) and how it is shown."""
+
+    name: str
+    shown: str
+
+
+def _choice(valid: Judgement) -> Choice | None:
+    """The row the outer-valid verdict ranks first: a shipped one, else any learned one (said)."""
     if shipped := choose(valid):
-        return shipped_label(shipped.name)
+        return Choice(shipped.name, shipped_label(shipped.name))
     best = choose(valid, shipped_only=False)
-    return f"{best.name} (none shipped ran)" if best else None
+    return Choice(best.name, f"{best.name} (none shipped ran)") if best else None
 
 
 def headline(judged: list[Judged], link: str) -> str:
