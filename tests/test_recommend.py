@@ -99,3 +99,20 @@ def test_mode_recommend_without_shipped_runs_is_a_one_line_error(monkeypatch, tm
     with pytest.raises(UserError, match="has no shipped aggregator with an outer-valid verdict"):
         recommend_job(report_cfg())
     assert not (tmp_path / "r.yaml").exists()
+
+
+def test_a_file_chosen_at_another_learning_rate_is_recommended_with_it(monkeypatch, capsys):
+    log_run(curves("fedavg", accuracy=0.9, valid_accuracy=0.9))
+    for gamma, valid in ((0.5, 0.80), (1.0, 0.95)):  # the file's own γ (0.5) and a second γ, better on outer-valid
+        log_run(curves(f"lagg_a@{A}", train=0.5, accuracy=0.9, valid_accuracy=valid, outer_valid=0.3, test_loss=0.3),
+                params={"pretrained": A, "local_learning_rate": gamma})
+    found = recommend.entries({key: judge.judge(c, "outer_valid") for key, c in collected().items()})
+    assert [(e["name"], e.get("local_learning_rate")) for e in found] == [(A, 1.0)]
+    monkeypatch.setattr(pretrained, "recommendations", lambda: found)
+    assert f"lagg_a pretrained={A}: use for: digits_mlp at K=8, H=4 with local_learning_rate=1 (" in pretrained.describe()
+
+
+def test_a_file_chosen_at_its_own_learning_rate_records_none():
+    store()
+    found = recommend.entries({key: judge.judge(c, "outer_valid") for key, c in collected().items()})
+    assert "local_learning_rate" not in found[0]

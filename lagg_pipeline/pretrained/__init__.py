@@ -86,8 +86,9 @@ def describe() -> str:
     for (variant, name), file in available().items():
         meta = metadata(file)
         entries = use_for.get((variant, name))
+        gamma = lambda e: f" with local_learning_rate={e['local_learning_rate']:g}" if "local_learning_rate" in e else ""
         advice = ("use for: " + "; ".join(f"{', '.join(e['tasks'])} at K={e['num_grads']}, H={'/'.join(map(str, e['H']))}"
-                                          f" ({e['why']})" for e in entries)
+                                          f"{gamma(e)} ({e['why']})" for e in entries)
                   if entries else "no recommendation: kept for comparison")
         family = f" meta_tasks={','.join(meta['meta_tasks'])}" if meta.get("meta_tasks") else ""
         lines.append(f"{variant} pretrained={name}: {advice}\n"

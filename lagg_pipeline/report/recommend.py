@@ -3,6 +3,7 @@ written to ``pretrained/recommended.yaml``. It reads outer-valid judgements only
 reports on what was chosen and never moves a choice."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ HEADER = """\
 # loss, rounds to the best baseline's final outer-valid accuracy); the test split is never read.
 # Per task, K and H: the shipped aggregator of each variant whose validation verdict ranks first
 # (holds; then criteria met at every evaluation; then the share of evaluations met; then time to
-# target), the best overall first. pretrained=list prints it; do not edit by hand.
+# target), the best overall first; local_learning_rate: the γ it was chosen at, where it differs from
+# the one it was meta-trained with (pass it on the command line). pretrained=list prints it; do not edit by hand.
 """
 
 
@@ -59,6 +61,7 @@ def entries(judgements: dict[GroupKey, Judgement]) -> list[dict]:
     for key in chosen.values():
         j = judgements[key]
         shipped = {s.name: s.curves.shipped for s in j.rows if s.curves.shipped in available}
+        settings = {s.name: s.curves.settings for s in j.rows}
         ranked = sorted((v for v in j.verdicts if v.name in shipped), key=rank, reverse=True)
         seen = set()
         for v in ranked:
@@ -66,9 +69,18 @@ def entries(judgements: dict[GroupKey, Judgement]) -> list[dict]:
             if variant in seen:
                 continue
             seen.add(variant)
-            found.append({"variant": variant, "name": name, "num_grads": key.K, "H": [key.H], "tasks": [key.task],
-                          "why": why(v, j, key)})
+            entry = {"variant": variant, "name": name, "num_grads": key.K, "H": [key.H], "tasks": [key.task]}
+            gamma, trained = local_learning_rate(settings[v.name]), pretrained.metadata(pretrained.path(variant, name))
+            if gamma is not None and gamma != trained.get("local_learning_rate"):
+                entry["local_learning_rate"] = gamma  # chosen at another γ than it was meta-trained with
+            found.append({**entry, "why": why(v, j, key)})
     return found
+
+
+def local_learning_rate(settings: str) -> float | None:
+    """The γ a learned row ran at, from its settings ("local_learning_rate=1.0, meta-params: ...")."""
+    found = re.search(r"local_learning_rate=([0-9.eE+-]+)", settings)
+    return float(found.group(1)) if found else None
 
 
 def why(v: Verdict, j: Judgement, key: GroupKey) -> str:
