@@ -126,6 +126,41 @@ def test_resets_are_masked_and_restart_the_accumulator():
     assert np.all(np.abs(eps) < 0.1) and np.any(eps != 0)
 
 
+def test_the_flat_estimate_equals_the_per_leaf_formula():
+    """PES keeps eps, xi and the estimate as one [N, P] array (tree order); leaf by leaf, the
+    members are theta +/- eps and the estimate mean_i(a_i xi_i + b_i eps_i) / (2 std^2)."""
+    num_tasks, T = 3, 6
+    aggregator, pes = _pes(num_tasks, T)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    state = pes.init(theta, jax.random.PRNGKey(1), DATA)
+    state = state._replace(episode=Episode(jnp.array([8, 0, 0], jnp.int32), jnp.array([10, 1000, 1000], jnp.int32)),
+                           accumulator=jax.tree.map(lambda a: jnp.full_like(a, 0.02), state.accumulator))
+    key = jax.random.PRNGKey(5)
+    eps_NxP = pes.perturbations(theta, key)
+    leaves, treedef = jax.tree.flatten(theta)
+    assert eps_NxP.shape == (num_tasks, sum(p.size for p in leaves))
+    cuts = np.cumsum([0] + [p.size for p in leaves])
+    eps = treedef.unflatten([eps_NxP[:, a:b].reshape(num_tasks, *p.shape) for a, b, p in zip(cuts, cuts[1:], leaves)])
+    meta_2N = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), theta, eps)
+    for got, want in zip(jax.tree.leaves(pes.antithetic(theta, eps_NxP)), jax.tree.leaves(meta_2N)):
+        np.testing.assert_array_equal(got, want)
+
+    grad, after, _ = jax.jit(pes.estimate)(theta, state, key, DATA)
+    _, out = jax.jit(pes.unroll)(meta_2N, state, DATA)
+    diff = np.asarray(out.loss[:, :num_tasks] - out.loss[:, num_tasks:])
+    mask, finished = np.asarray(out.mask), np.asarray(out.finished)
+    a = (diff * (1 - finished) * mask).sum(0) / mask.sum(0)
+    b = (diff * finished * mask).sum(0) / mask.sum(0)
+    assert a[0] != 0 and b[0] != 0 and b[1] == 0  # particle 0 reset inside the window, 1 and 2 did not
+    for g, xi0, e, xi1 in zip(*(jax.tree.leaves(t) for t in (grad, state.accumulator, eps, after.accumulator))):
+        xi, e = np.asarray(xi0 + e), np.asarray(e)
+        shape = (num_tasks, *(1,) * (xi.ndim - 1))
+        want = np.mean(a.reshape(shape) * xi + b.reshape(shape) * e, axis=0) / (2 * pes.std ** 2)
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+        # the reset particle keeps eps only (to float32 rounding: XLA fuses the draw into each use)
+        np.testing.assert_allclose(xi1, np.concatenate([e[:1], xi[1:]]), rtol=1e-6, atol=1e-8)
+
+
 def test_meta_training_makes_the_learned_update_train_faster():
     """A few outer steps on the tiny task: the learned update reaches a lower inner loss."""
     cfg = tiny_cfg(num_outer_steps=30, schedule={"name": "constant", "peak_value": 3e-2})
@@ -249,8 +284,7 @@ def test_pairs_drawing_their_examples_once_equal_each_member_drawing_its_own(met
     theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
     state = pes.init(theta, jax.random.PRNGKey(1), data)
     state = state._replace(episode=Episode(jnp.zeros(num_tasks, jnp.int32), jnp.full(num_tasks, 1000, jnp.int32)))
-    eps = pes.perturbations(theta, jax.random.PRNGKey(2))
-    meta_2N = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), theta, eps)
+    meta_2N = pes.antithetic(theta, pes.perturbations(theta, jax.random.PRNGKey(2)))
     after, out = jax.jit(pes.unroll)(meta_2N, state, data)
     losses, members = _member_alone(pes, meta_2N, state, data, T)
     np.testing.assert_array_equal(out.loss, losses)
