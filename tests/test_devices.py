@@ -51,6 +51,35 @@ def test_sharded_pes_equals_single_device(devices, tmp_path):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+STEPS_SCRIPT = textwrap.dedent("""
+    import jax
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+    from lagg_pipeline.meta.train import MetaTrainer
+    from test_pes import DATA, linear_task, tiny_cfg
+
+    trainer = MetaTrainer(tiny_cfg(optimizer="lagg_a"), linear_task(), DATA, LearnedAggregator("lagg_a", 2, 8))
+    state = trainer.init()
+    for _ in range(3):
+        state, metrics = trainer.step(state)
+    assert trainer.jitted_step._cache_size() == 1, trainer.jitted_step._cache_size()
+    leaf = jax.tree.leaves(state.pes.rounds.params)[0]
+    assert len(leaf.sharding.device_set) == 2 and not leaf.sharding.is_fully_replicated, leaf.sharding
+    print("ok")
+""")
+
+
+def test_the_outer_step_compiles_once_over_several_devices():
+    """A fresh state sits on one device and the step leaves it over the particle devices: unless
+    the state goes in where the step leaves it, jit compiles the step twice, once per placement."""
+    import os
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}
+    result = subprocess.run([sys.executable, "-c", STEPS_SCRIPT], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 def test_particle_devices_choice():
     """By default the most devices that divide the particles (one CPU device per core here, see
     lagg_pipeline/xla_flags.py); an explicit count must exist and divide them."""

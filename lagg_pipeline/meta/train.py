@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from lagg_pipeline.checkpoint import CheckpointManager
@@ -85,11 +86,40 @@ class MetaTrainer:
         self.optimizer = optax.adamw(self.schedule, weight_decay=cfg.weight_decay)
         self.pes = make_estimator(cfg, task, aggregator,
                                   lambda members: particle_sharding(particle_devices(cfg.pes_devices, members)))
-        self.jitted_step = jax.jit(self._step)
+        self._placement, self.jitted_step = None, None
 
     def step(self, state: MetaTrainState):
-        """One outer step (jitted; the data go in as arguments)."""
+        """One outer step (jitted; the data go in as arguments).
+
+        The state goes in where the step leaves it (:meth:`state_shardings`): a fresh or restored
+        state sits on one device, the step's outputs over the particle devices, and jit compiles
+        anew for every new placement of its inputs, so the first two steps each compiled."""
+        if self.jitted_step is None:
+            self._placement = self.state_shardings(state)
+            self.jitted_step = (jax.jit(self._step) if self._placement is None else
+                                jax.jit(self._step, out_shardings=(self._placement, self._placement.outer_step)))
+        if self._placement is not None:
+            state = jax.device_put(state, self._placement)
         return self.jitted_step(state, self.data)
+
+    def state_shardings(self, state: MetaTrainState) -> MetaTrainState | None:
+        """Where the outer step keeps ``state``: each PES's members over its particle devices and
+        everything else on every one of them; None on one device, and with several processes
+        (whose arrays span them) or particle meshes that differ."""
+        estimators = getattr(self.pes, "members", (self.pes,))
+        shardings = [pes.particle_sharding for pes in estimators]
+        if (jax.process_count() > 1 or None in shardings
+                or len({tuple(s.mesh.devices.flat) for s in shardings}) > 1):
+            return None
+        everywhere = NamedSharding(shardings[0].mesh, PartitionSpec())
+
+        def placed(pes_state: PESState, particles) -> PESState:
+            return jax.tree.map(lambda _: everywhere, pes_state)._replace(
+                rounds=jax.tree.map(lambda _: particles, pes_state.rounds))
+
+        pes = (placed(state.pes, shardings[0]) if isinstance(state.pes, PESState)
+               else tuple(map(placed, state.pes, shardings)))
+        return jax.tree.map(lambda _: everywhere, state)._replace(pes=pes)
 
     def init(self) -> MetaTrainState:
         key = jax.random.PRNGKey(self.cfg.seed)
