@@ -13,18 +13,18 @@ KEY = GroupKey("mnist1d_large_mlp", 8, 4, 1000, 128, "iid")
 SKEWED = GroupKey("mnist1d_mlp", 8, 4, 1000, 128, "dirichlet(alpha=0.1, M=64)")
 
 
-def row(method, optimizer, level, valid_acc=True, shipped=None, seconds=None):
+def row(method, optimizer, level, valid_acc=True, shipped=None, seconds=None, tuned_rounds=None):
     rng = np.random.default_rng(len(method))
     train = (level + rng.random((3, 20))).astype(np.float32).astype(np.float64)
     evals = np.array([0, 10, 20])
     metric = lambda base: (base + rng.random((3, 3))).astype(np.float32).astype(np.float64)
     return Curves(method, optimizer, "local_learning_rate=0.5", optimizer == "fedavg", train, evals, metric(1.0),
-                  metric(0.5), metric(0.9), metric(0.5) if valid_acc else None, shipped, seconds)
+                  metric(0.5), metric(0.9), metric(0.5) if valid_acc else None, shipped, seconds, tuned_rounds)
 
 
 def test_a_group_round_trips_exactly_and_its_file_is_named_by_every_setting(tmp_path):
     rows = [row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x", seconds=812.5),
-            row("fedavg", "fedavg", 0.3, valid_acc=False)]
+            row("fedavg", "fedavg", 0.3, valid_acc=False, tuned_rounds=1000)]
     path = archive.save_group(tmp_path, SKEWED, rows)
     assert path.name == "mnist1d_mlp_K8_H4_R1000_B128_dirichlet_alpha_0.1_M_64.npz"
     key, back = archive.load_group(path)
@@ -40,16 +40,16 @@ def test_a_group_round_trips_exactly_and_its_file_is_named_by_every_setting(tmp_
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_a_file_written_before_wall_times_were_kept_reads_them_as_not_recorded(tmp_path):
+def test_a_file_written_before_wall_times_and_tuning_horizons_were_kept_reads_them_as_not_recorded(tmp_path):
     path = archive.save_group(tmp_path, KEY, [row("fedavg", "fedavg", 0.3, seconds=60.0)])
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     meta = json.loads(arrays["__rows__"].tobytes().decode())
-    del meta["rows"][0]["run_seconds"]
+    del meta["rows"][0]["run_seconds"], meta["rows"][0]["tuned_rounds"]
     arrays["__rows__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     np.savez_compressed(path, **arrays)
     (back,) = archive.load_group(path)[1]
-    assert back.run_seconds is None
+    assert back.run_seconds is None and back.tuned_rounds is None
 
 
 def test_the_wall_time_line_sums_what_was_recorded_and_says_what_was_not():
@@ -90,6 +90,34 @@ def test_an_unreadable_archive_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="results archive file .*broken.npz is unreadable"):
         archive.load(tmp_path)
     assert archive.load(tmp_path / "absent") == {}
+
+
+@pytest.mark.parametrize("store", ["missing", "without the experiment"])
+def test_without_a_store_or_experiment_yet_the_report_and_recommendation_judge_the_archive_alone(tmp_path, store, monkeypatch):
+    """A fresh clone regenerates the report from the committed results; without an archive the
+    same store is a one-line error."""
+    from test_verdict import report_cfg
+
+    from lagg_pipeline import pretrained, tracking
+    from lagg_pipeline.jobs.recommend import recommend_job
+    from lagg_pipeline.jobs.report import run_report
+
+    if store != "missing":
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking.tracking_uri(None)).create_experiment("other")
+    folder = tmp_path / "data"
+    shipped = "lagg_a@mnist1d_large_k8_h4_mix"
+    archive.save(folder, {KEY: [row(shipped, "lagg_a", 0.1, shipped=shipped), row("fedavg", "fedavg", 0.3)]})
+    with pytest.raises(UserError, match="no MLflow store|no such experiment"):
+        run_report(report_cfg(), tmp_path / "none")
+    text = run_report(report_cfg(results_archive=str(folder)), tmp_path / "out")
+    assert "### mnist1d_large_mlp, K=8, H=4, B=128: 1000 rounds, 3 seeds" in text
+    assert "judged from the committed results" in text and "read from the committed results" not in text
+    recommended = tmp_path / "recommended.yaml"
+    monkeypatch.setattr(pretrained, "recommended_file", lambda: recommended)
+    (entry,) = recommend_job(report_cfg(results_archive=str(folder)))
+    assert entry["name"] == "mnist1d_large_k8_h4_mix" and recommended.is_file()
 
 
 def test_the_report_judges_archived_groups_beside_measured_ones_then_rewrites_the_archive(tmp_path):

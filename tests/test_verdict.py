@@ -28,11 +28,13 @@ def _no_per_run_plots(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _tuned_at_the_fixtures_values(tmp_path, monkeypatch):
-    """The fixture baselines ran at local_learning_rate=0.5: recorded as their tuned value."""
+    """The fixture baselines ran at local_learning_rate=0.5: recorded as their tuned value, chosen
+    at the 300 rounds they are judged over."""
     root = tmp_path / "tuned"
     for optimizer in FIXTURE_OPTIMIZERS:
         (root / "digits_mlp").mkdir(parents=True, exist_ok=True)
-        (root / "digits_mlp" / f"{optimizer}.yaml").write_text("H4_K8:\n  values: {local_learning_rate: 0.5}\n")
+        (root / "digits_mlp" / f"{optimizer}.yaml").write_text(
+            "H4_K8:\n  values: {local_learning_rate: 0.5}\n  rounds: 300\n")
     monkeypatch.setattr(tuning, "tuned_root", lambda: root)
 
 
@@ -309,16 +311,16 @@ def test_report_job_writes_the_page_and_splices_the_readme_and_headline(tmp_path
                    "shipped) (5/5, 5/5, 5/5) |")
 
 
-def test_the_report_job_collects_judges_renders_and_writes_once_each_in_order(tmp_path, monkeypatch):
+def test_the_report_job_gathers_judges_renders_and_writes_once_each_in_order(tmp_path, monkeypatch):
     from lagg_pipeline.jobs import report as job
 
     log_run(curves("fedavg"))
     calls = []
-    for name in ("collect", "judge_groups", "render", "write"):
-        real = getattr(job, name)
-        monkeypatch.setattr(job, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    for module, name in ((job.archive, "gather"), (job, "judge_groups"), (job, "render"), (job, "write")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     run_report(report_cfg(), tmp_path / "out")
-    assert calls == ["collect", "judge_groups", "render", "write"]
+    assert calls == ["gather", "judge_groups", "render", "write"]
 
 
 def test_a_readme_outside_the_headlines_folder_fails_before_anything_is_written(tmp_path):
@@ -381,6 +383,34 @@ def test_against_fedavg_alone_survives_several_fedavg_rows_and_reads_the_tuned_o
     assert [l for l in lines(group) if l.startswith("- **lagg_a@x**, against tuned FedAvg alone, holds")]
     assert page_tables.against(group.test) == "3 baselines (2 tuned)"
     assert "| fedavg (local_learning_rate=2.0) (untuned) |" in "\n".join(page_tables.held_out_table(group.test))
+
+
+def test_a_baseline_tuned_at_a_shorter_horizon_than_judged_is_named_so(tmp_path):
+    (tmp_path / "tuned" / "digits_mlp" / "fedadam.yaml").write_text(
+        "H4_K8:\n  values: {local_learning_rate: 0.5}\n  rounds: 100\n")
+    (tmp_path / "tuned" / "digits_mlp" / "slowmo.yaml").write_text("H4_K8:\n  values: {local_learning_rate: 0.5}\n")
+    log_run(curves("fedavg", test_loss=0.30, accuracy=0.90))
+    log_run(curves("fedadam", train=1.2, test_loss=0.25, accuracy=0.95))
+    log_run(curves("lagg_a@x", train=0.5, test_loss=0.32, accuracy=0.90), params={"pretrained": "x"})
+    group = judged()
+    assert [s.curves.tuned_rounds for s in group.test.reference] == [300, 100]
+    assert page_tables.against(group.test) == "2 tuned baselines (1 of them at 100 rounds)"
+    held_out = "\n".join(page_tables.held_out_table(group.test))
+    assert "| fedadam (tuned at 100 rounds) |" in held_out and "| fedavg |" in held_out
+    log_run(curves("slowmo", train=1.1), params={"local_learning_rate": 0.5})  # its file records no horizon
+    assert page_tables.against(judged().test) == \
+        "3 tuned baselines (2 of them at 100 rounds or an unrecorded horizon)"
+    (tmp_path / "tuned" / "digits_mlp" / "fedavg.yaml").write_text(
+        "H4_K8:\n  values: {local_learning_rate: 0.5}\n  rounds: 100\n")
+    assert page_tables.against(judged().test) == "3 baselines tuned at 100 rounds or an unrecorded horizon"
+
+
+def test_a_lone_fedavg_tuned_at_a_shorter_horizon_says_so(tmp_path):
+    (tmp_path / "tuned" / "digits_mlp" / "fedavg.yaml").write_text(
+        "H4_K8:\n  values: {local_learning_rate: 0.5}\n  rounds: 100\n")
+    log_run(curves("fedavg", test_loss=0.30, accuracy=0.90))
+    log_run(curves("lagg_a@x", train=0.5, test_loss=0.32, accuracy=0.90), params={"pretrained": "x"})
+    assert page_tables.against(judged().test) == "fedavg only, tuned at 100 rounds"
 
 
 def test_an_untuned_fedavg_is_never_called_tuned():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.report import archive
-from lagg_pipeline.report.collect import collect, open_experiment
 from lagg_pipeline.report.judge import judge
 from lagg_pipeline.report.recommend import entries, write
 
@@ -12,8 +11,7 @@ from lagg_pipeline.report.recommend import entries, write
 def recommend_job(cfg) -> list[dict]:
     from lagg_pipeline import pretrained
 
-    client, _ = open_experiment(cfg.tracking)
-    groups = archive.with_archive(cfg, collect(client, cfg.tracking.experiment), print)
+    groups = archive.gather(cfg, print)
     found = entries({key: judge(curves, "outer_valid") for key, curves in groups.items()})
     if not found:
         raise UserError(f"experiment {cfg.tracking.experiment} has no shipped aggregator with an outer-valid verdict "

@@ -1,5 +1,6 @@
-"""mode=report: collect -> judge -> render -> write, once each and in that order
-(:mod:`lagg_pipeline.report`); every output is checked before the first run is read."""
+"""mode=report: gather (the store's runs and the committed results) -> judge -> render -> write,
+once each and in that order (:mod:`lagg_pipeline.report`); every output is checked before the
+first run is read."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,6 @@ from pathlib import Path
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.jobs.common import output_dir
 from lagg_pipeline.report import archive
-from lagg_pipeline.report.collect import collect, open_experiment
 from lagg_pipeline.report.judge import judge_groups
 from lagg_pipeline.report.render import render
 from lagg_pipeline.report.write import check, write
@@ -22,10 +22,9 @@ def run_report(cfg, out: Path) -> str:
     from lagg_pipeline import tracking
 
     targets = check(cfg, out)
-    client, _ = open_experiment(cfg.tracking)
     notes: list[str] = []
     note = lambda line: (print(line), notes.append(line))
-    groups = archive.with_archive(cfg, collect(client, cfg.tracking.experiment, warn=note), note)
+    groups = archive.gather(cfg, note)
     if not groups:
         raise UserError(f"experiment {cfg.tracking.experiment} has no finished benchmark runs to report")
     rendered = render(judge_groups(groups), targets, notes)

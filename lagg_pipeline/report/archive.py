@@ -7,7 +7,7 @@ them beside the groups it measures itself.
 A group's file holds every row's per-seed curves (float32) and, as JSON, the group's settings
 and each row's identity; it is read back with ``allow_pickle=False``. Merging: a row measured in
 the store replaces the archived row of the same label or identity in its group; archived rows and groups the
-store lacks are kept.
+store lacks are kept. With no runs in the store yet (a fresh clone), the archive is judged alone.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from lagg_pipeline.errors import UserError
-from lagg_pipeline.report.collect import method_order
+from lagg_pipeline.report.collect import collect, method_order, open_experiment
 from lagg_pipeline.report.curves import Curves, GroupKey
 
 ARRAYS = ("train_loss", "eval_rounds", "test_loss", "test_accuracy", "outer_valid_loss", "outer_valid_accuracy")
-FIELDS = ("method", "optimizer", "settings", "tuned", "shipped", "run_seconds")  # run_seconds: newer files
+FIELDS = ("method", "optimizer", "settings", "tuned", "shipped", "run_seconds", "tuned_rounds")  # the last two: newer files
 _META = "__rows__"
 
 
@@ -98,8 +98,17 @@ def merge(archived: dict[GroupKey, list[Curves]], measured: dict[GroupKey, list[
     return groups, kept
 
 
-def with_archive(cfg, measured: dict[GroupKey, list[Curves]], note) -> dict[GroupKey, list[Curves]]:
-    """The measured groups merged with ``results_archive`` (when set), saying which rows came from it."""
+def gather(cfg, note) -> dict[GroupKey, list[Curves]]:
+    """The experiment's measured groups merged with ``results_archive`` (when set), saying which rows
+    came from it. With an archive, a store or experiment not created yet measures nothing: a fresh
+    clone regenerates the report and the recommendation from the committed results alone."""
+    opened = open_experiment(cfg.tracking, missing_ok=bool(cfg.results_archive))
+    if isinstance(opened, UserError):
+        print(opened)
+        note(f"no runs of experiment {cfg.tracking.experiment} in this store: judged from the committed results "
+             f"({cfg.results_archive}) alone")
+        return merge(load(Path(cfg.results_archive)), {})[0]
+    measured = collect(opened[0], cfg.tracking.experiment, warn=note)
     if not cfg.results_archive:
         return measured
     groups, kept = merge(load(Path(cfg.results_archive)), measured)

@@ -19,31 +19,35 @@ import numpy as np
 
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.report.curves import Curves, GroupKey
-from lagg_pipeline.report.identity import describe, labels, meta_params_identity, ran_tuned, settings_of
+from lagg_pipeline.report.identity import describe, labels, meta_params_identity, settings_of, tuned_entry
 
 BASELINE_ORDER = ("fedavg", "slowmo", "fedavgm", "diloco", "fedadam", "fedyogi", "sgd", "adam")
 TAGS = ("method", "optimizer", "task", "K", "H", "seed")
 CURVE_KEYS = ("train_loss", "eval_rounds", "test_loss", "test_accuracy", "outer_valid_loss")  # outer_valid_accuracy: newer runs
 
 
-def open_experiment(tracking_cfg):
+def open_experiment(tracking_cfg, missing_ok: bool = False):
     """(MlflowClient, experiment) of the configured store, creating nothing: a missing store or
-    experiment is a one-line error naming the experiments there are."""
+    experiment is a one-line error naming the experiments there are, or with ``missing_ok`` a
+    UserError returned in place of the pair."""
     from mlflow.tracking import MlflowClient
 
     from lagg_pipeline import tracking
 
     uri = tracking.tracking_uri(tracking_cfg.uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: run some benchmarks first (tracking.uri, "
-                        f"MLFLOW_TRACKING_URI)")
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
-    if experiment is None:
+        missing = UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: run some benchmarks first "
+                            f"(tracking.uri, MLFLOW_TRACKING_URI)")
+    else:
+        client = MlflowClient(uri)
+        if (experiment := client.get_experiment_by_name(tracking_cfg.experiment)) is not None:
+            return client, experiment
         names = sorted(e.name for e in client.search_experiments())
-        raise UserError(f"tracking.experiment={tracking_cfg.experiment}: no such experiment in {uri}; "
-                        f"choose one of: {', '.join(names) or '(none)'}")
-    return client, experiment
+        missing = UserError(f"tracking.experiment={tracking_cfg.experiment}: no such experiment in {uri}; "
+                            f"choose one of: {', '.join(names) or '(none)'}")
+    if missing_ok:
+        return missing
+    raise missing
 
 
 def _load_curves(client, run, method: str) -> dict[str, np.ndarray] | None:
@@ -124,9 +128,10 @@ def _pool(client, label: str, method: str, runs: list, warn) -> Curves | None:
     shipped = (f"{first.data.tags['optimizer']}@{first.data.params['pretrained']}"
                if learned and first.data.params.get("pretrained") not in (None, "None") else None)
     valid_acc = cat("outer_valid_accuracy") if all("outer_valid_accuracy" in a for a in arrays) else None
-    return Curves(label, first.data.tags["optimizer"], describe(first), not learned and ran_tuned(first),
+    entry = None if learned else tuned_entry(first)
+    return Curves(label, first.data.tags["optimizer"], describe(first), entry is not None,
                   cat("train_loss"), arrays[0]["eval_rounds"], cat("test_loss"), cat("test_accuracy"),
-                  cat("outer_valid_loss"), valid_acc, shipped, seconds)
+                  cat("outer_valid_loss"), valid_acc, shipped, seconds, entry and entry.get("rounds"))
 
 
 def method_order(c: Curves):

@@ -42,6 +42,7 @@ class Curves(NamedTuple):
     outer_valid_accuracy: np.ndarray | None  # [S, E]; None for runs logged before it was measured
     shipped: str | None = None  # "variant@name" of a shipped aggregator's run
     run_seconds: float | None = None  # wall time of the pooled runs, summed; None where not recorded
+    tuned_rounds: int | None = None  # the horizon its tuned values were chosen at; None: untuned or not recorded
 
     @property
     def learned(self) -> bool:

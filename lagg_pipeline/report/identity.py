@@ -46,17 +46,17 @@ def settings_of(run) -> dict[str, str]:
             and (meta_trained or (k not in META_TRAINING and not k.startswith("schedule.")))}
 
 
-def ran_tuned(run) -> bool:
-    """Whether a baseline run used the tuned values recorded for its task, K, H and clients (as
-    they are now, in the run's ``tuned_dir`` or the package's): its params hold every one of them.
-    A run at other values is no tuned baseline."""
+def tuned_entry(run) -> dict | None:
+    """The tuned-values entry a baseline run used (its task, K, H and clients' as recorded now, in
+    the run's ``tuned_dir`` or the package's), when its params hold every one of them; else None:
+    a run at other values is no tuned baseline."""
     from lagg_pipeline import tuning
 
     params, tags = run.data.params, run.data.tags
     root = Path(params["tuned_dir"]) if params.get("tuned_dir") not in (None, "None") else None
     entry = tuning.lookup(tags["task"], tags["optimizer"], int(tags["H"]), int(tags["K"]), root,
                           tags.get("partition", "iid"))
-    return entry is not None and all(_same(params.get(k), v) for k, v in entry["values"].items())
+    return entry if entry is not None and all(_same(params.get(k), v) for k, v in entry["values"].items()) else None
 
 
 def _same(logged: str | None, value) -> bool:

@@ -107,13 +107,29 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _shorter(s: Stats, rounds: int) -> bool:
+    """A tuned baseline whose values were chosen at a shorter horizon than ``rounds`` (or one its file does not say)."""
+    return s.curves.tuned and (s.curves.tuned_rounds or 0) < rounds
+
+
+def _horizon(s: Stats) -> str:
+    return f"{s.curves.tuned_rounds} rounds" if s.curves.tuned_rounds else "an unrecorded horizon"
+
+
 def against(j: Judgement) -> str:
-    """How many baselines a verdict is judged against, and whether they are tuned."""
-    tuned = sum(s.curves.tuned for s in j.reference)
+    """How many baselines a verdict is judged against, how many are tuned, and how many of those
+    were tuned at a shorter horizon than the one judged."""
+    tuned = [s for s in j.reference if s.curves.tuned]
+    short = [s for s in tuned if _shorter(s, int(j.rounds[-1]))]
+    at = " or ".join(sorted({_horizon(s) for s in short}))
     if len(j.reference) == 1:
-        return f"{'tuned' if tuned else 'untuned'} {j.reference[0].curves.optimizer} only"
-    return f"{len(j.reference)} tuned baselines" if tuned == len(j.reference) else \
-        f"{len(j.reference)} baselines ({tuned} tuned)"
+        optimizer = j.reference[0].curves.optimizer
+        return f"{optimizer} only, tuned at {at}" if short else f"{'tuned' if tuned else 'untuned'} {optimizer} only"
+    if len(short) == len(j.reference):
+        return f"{len(j.reference)} baselines tuned at {at}"
+    if len(tuned) == len(j.reference):
+        return f"{len(j.reference)} tuned baselines" + (f" ({len(short)} of them at {at})" if short else "")
+    return f"{len(j.reference)} baselines ({len(tuned)} tuned" + (f", {len(short)} of them at {at})" if short else ")")
 
 
 def count_cell(check: Check, judged: np.ndarray, key: str) -> str:
@@ -173,7 +189,8 @@ def held_out_table(j: Judgement) -> list[str]:
     at = lambda s, metric, m: fmt(getattr(s, metric)[:, int(np.searchsorted(s.rounds, m))]) if m in s.rounds else "—"
     rows = []
     for s in j.rows:
-        tuned = "" if s.curves.learned or s.curves.tuned else " (untuned)"
+        tuned = ("" if s.curves.learned else f" (tuned at {_horizon(s)})" if _shorter(s, last)
+                 else "" if s.curves.tuned else " (untuned)")
         rows.append([f"**{s.name}**" if s.curves.learned else s.name + tuned, s.curves.settings, seeds_cell(s),
                      *(at(s, "test_accuracy", m) for m in marks), *(at(s, "test_loss", m) for m in marks),
                      fmt(s.train[:, -TRAIN_TAIL:].mean(axis=1)), fmt(s.outer_valid[:, -1]),
