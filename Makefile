@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast test-slow sweep ui bench bench-scaling bench-profile bench-xla bench-compare tune tune-extend tune-federated results results-federated report recommend clean
+.PHONY: help install install-dev run test test-fast test-slow sweep ui bench bench-scaling bench-profile bench-xla bench-compare tune tune-status tune-extend tune-federated results results-federated report recommend clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 	for task in $(TUNE_TASKS); do for opt in $(BASELINES); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=$$task H=4,8 || exit 1; done; done
 	$(MAKE) tune-federated
+
+tune-status: install ## which baselines are tuned, at which budget (rounds x seeds), and which sit on a grid edge
+	@$(PY) -m lagg_pipeline.tuning status
 
 tune-extend: install ## sweep one step past each grid edge a tuned choice sits on, select again (repeat until none)
 	$(PY) -m lagg_pipeline.tuning extensions | while read -r overrides; do \

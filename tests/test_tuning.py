@@ -98,3 +98,16 @@ def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_e
     tuning.select(client, "tuning", root)  # selecting again counts nothing twice
     again = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert again == entry
+
+
+def test_the_status_table_gives_each_choices_budget_and_edge_and_counts_those_at_the_judged_horizon(tmp_path):
+    (tmp_path / "digits_mlp").mkdir()
+    (tmp_path / "digits_mlp" / "fedavg.yaml").write_text(
+        "H4_K8: {values: {local_learning_rate: 0.5}, rounds: 1000, seeds: 3, on_grid_edge: []}\n"
+        "H8_K8: {values: {local_learning_rate: 0.5}, rounds: 300, seeds: 1, on_grid_edge: [local_learning_rate]}\n")
+    (tmp_path / "digits_mlp" / "adam.yaml").write_text("H4_K8: {values: {local_learning_rate: 0.001}}\n")
+    lines = tuning.status(tmp_path)
+    assert lines[:4] == ["| task | setting | fedavg | adam |", "|---|---|---|---|",
+                         "| digits_mlp | H4_K8 | 1000×3 | budget not recorded |",
+                         "| digits_mlp | H8_K8 | 300×1, edge | — |"]
+    assert lines[-1].startswith("1 of 3 choices made at the judged horizon (1000 rounds × at least 3 seeds)")
