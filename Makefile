@@ -10,9 +10,12 @@ ARGS   ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
+# The install ends by compiling `make run`'s meta-training step into XLA's persistent cache
+# (mode=warm), so the first step a new user waits for loads instead of compiling.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e .
+	$(PY) -m lagg_pipeline mode=warm
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

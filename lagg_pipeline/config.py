@@ -6,6 +6,7 @@ checks (ranges, names, data sizes) that must pass before any compute starts.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -15,7 +16,7 @@ from omegaconf import MISSING
 
 from lagg_pipeline.errors import ConfigError  # noqa: F401  (the schema's modules import it from here)
 
-MODES = ("auto", "benchmark", "meta_train", "import_legacy", "select_tuned", "report", "recommend")
+MODES = ("auto", "benchmark", "meta_train", "warm", "import_legacy", "select_tuned", "report", "recommend")
 HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "fedadam", "fedyogi")
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
 MODELS = ("mlp", "conv")
@@ -211,6 +212,12 @@ def validate(cfg) -> None:
              f"resume=true is not allowed with mode={cfg.mode}"
              f"{' and a saved aggregator' if cfg.checkpoint or cfg.pretrained else ''}; it continues a meta-training "
              f"(mode=auto or meta_train with a learned optimizer)")
+    _require(cfg.mode != "warm" or (name in LEARNED_OPTIMIZERS and not cfg.checkpoint and not cfg.pretrained),
+             f"mode=warm is not allowed with optimizer={name}"
+             f"{' and a saved aggregator' if cfg.checkpoint or cfg.pretrained else ''}; it compiles a meta-training "
+             f"step: a learned optimizer ({', '.join(LEARNED_OPTIMIZERS)}) without checkpoint= or pretrained=")
+    _require(cfg.mode != "warm" or cfg.compile_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+             "mode=warm is not allowed with compile_cache_dir=null; it fills XLA's persistent compilation cache")
     _validate_distributed(cfg)
     # With several processes the device count is known only after jax.distributed starts.
     if name in LEARNED_OPTIMIZERS and cfg.pes_devices is not None and not cfg.distributed.enabled:
@@ -226,7 +233,7 @@ def validate(cfg) -> None:
     _require(0 <= weight <= 1 and (weight == 0 or cfg.meta_loss_split != "train"),
              f"meta_loss_train_weight={weight} is not allowed with meta_loss_split={cfg.meta_loss_split}; it must be "
              f"in [0, 1] and mixes the training loss into a held-out meta-loss (outer_valid or resplit)")
-    trains = name in LEARNED_OPTIMIZERS and cfg.mode in ("auto", "meta_train") and not cfg.checkpoint
+    trains = name in LEARNED_OPTIMIZERS and cfg.mode in ("auto", "meta_train", "warm") and not cfg.checkpoint
     _require(cfg.meta_loss_split != "resplit" or cfg.partition.name == "iid" or not trains or cfg.pretrained,
              f"meta_loss_split=resplit is not allowed with partition={cfg.partition.name}; it re-divides the whole "
              f"pool per episode: meta-train over clients with meta_loss_split=train or outer_valid")

@@ -498,3 +498,20 @@ def test_outer_optimizer_example_runs():
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "DiLoCo outer step" in out.stdout and "shipped LAgg-A" in out.stdout
+
+
+def test_warm_fills_the_cache_with_the_step_a_later_job_loads_and_records_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # the suite's own cache would win over compile_cache_dir
+    cache = tmp_path / "xla"
+    args = [f"compile_cache_dir={cache}", *TINY_META, "progress=false"]
+    out = cli("mode=warm", *args).stdout
+    assert "warm: compiled the lagg_a meta-training step on digits_mlp (K=8, H=4) in " in out and str(cache) in out
+    assert not Path("outputs/mlflow.db").exists() and not Path("outputs/checkpoints").exists()
+    (entry,) = cache.glob("jit__step-*")
+    stored = entry.stat().st_mtime_ns
+    cli("mode=meta_train", *args)
+    # the job's step had the warmed key: loaded, so neither compiled under another key nor stored again
+    assert list(cache.glob("jit__step-*")) == [entry] and entry.stat().st_mtime_ns == stored
+    with_other_settings = cli("mode=warm", *args, "num_grads=4").stdout
+    assert "(K=4, H=4)" in with_other_settings and len(list(cache.glob("jit__step-*"))) == 2
+

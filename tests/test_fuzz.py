@@ -71,6 +71,7 @@ CASES = [
     ["mode=import_legacy", "optimizer=lopt_a", "legacy_path=evil.pickle"],
     ["mode=import_legacy", "optimizer=fedavg", "legacy_path=evil.pickle"],
     ["mode=benchmark", "optimizer=fedavg", "resume=true"],
+    ["mode=warm", "optimizer=fedavg"], ["mode=warm", "pretrained=family_k8_h4_mix"],
     # keys a job would accept and not use
     ["mode=meta_train", "optimizer=lagg_a", "pretrained=family_k8_h4_mix"],
     ["mode=meta_train", "optimizer=lagg_a", "checkpoint=k8.npz"],
@@ -114,3 +115,11 @@ def test_a_family_member_without_its_data_is_named_before_anything_runs(files, c
     assert exit_info.value.code == 1  # missing data, as when the job's own task lacks it
     assert capsys.readouterr().err.startswith(
         "lagg_pipeline: error: meta_tasks: image_mlp_fmst: dataset fashion_mnist is not prepared in ")
+
+
+def test_warm_without_a_compilation_cache_is_one_line(files, capsys, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    with pytest.raises(SystemExit):
+        cli.main(["mode=warm", "compile_cache_dir=null"])
+    assert capsys.readouterr().err == ("lagg_pipeline: error: mode=warm is not allowed with compile_cache_dir=null; "
+                                       "it fills XLA's persistent compilation cache\n")

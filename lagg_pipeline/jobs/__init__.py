@@ -39,6 +39,10 @@ def run_job(cfg):
 
     if cfg.optimizer.name not in LEARNED_OPTIMIZERS:
         return benchmark.hand_job(cfg, splits, task)
+    if cfg.mode == "warm":
+        from lagg_pipeline.jobs.warm import warm_job
+
+        return warm_job(cfg, splits, task)
     if cfg.mode == "meta_train":
         from lagg_pipeline.jobs.meta_train import meta_train_job
 

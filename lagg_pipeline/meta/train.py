@@ -94,13 +94,24 @@ class MetaTrainer:
         The state goes in where the step leaves it (:meth:`state_shardings`): a fresh or restored
         state sits on one device, the step's outputs over the particle devices, and jit compiles
         anew for every new placement of its inputs, so the first two steps each compiled."""
+        jitted, state = self._placed(state)
+        return jitted(state, self.data)
+
+    def compile(self, state: MetaTrainState) -> float:
+        """Compile the outer step for ``state`` without running it (into XLA's persistent cache
+        when one is enabled, where a later process's :meth:`step` finds it); the seconds it took."""
+        start = time.perf_counter()
+        jitted, placed = self._placed(state)
+        jitted.lower(placed, self.data).compile()
+        return time.perf_counter() - start
+
+    def _placed(self, state: MetaTrainState):
+        """(the jitted step, ``state`` where the step keeps it), the step built on first use."""
         if self.jitted_step is None:
             self._placement = self.state_shardings(state)
             self.jitted_step = (jax.jit(self._step) if self._placement is None else
                                 jax.jit(self._step, out_shardings=(self._placement, self._placement.outer_step)))
-        if self._placement is not None:
-            state = jax.device_put(state, self._placement)
-        return self.jitted_step(state, self.data)
+        return self.jitted_step, state if self._placement is None else jax.device_put(state, self._placement)
 
     def state_shardings(self, state: MetaTrainState) -> MetaTrainState | None:
         """Where the outer step keeps ``state``: each PES's members over its particle devices and
