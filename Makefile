@@ -74,10 +74,10 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 	$(MAKE) tune-federated
 
 tune-status: install ## which baselines are tuned, at which budget (rounds x seeds), and which sit on a grid edge
-	@$(PY) -m lagg_pipeline.tuning status
+	@$(PY) -m lagg_pipeline.tuning_records status
 
 tune-extend: install ## sweep one step past each grid edge a tuned choice sits on, select again (repeat until none)
-	$(PY) -m lagg_pipeline.tuning extensions | while read -r overrides; do \
+	$(PY) -m lagg_pipeline.tuning_records extensions | while read -r overrides; do \
 		$(PY) -m lagg_pipeline --multirun $$overrides || exit 1; done
 	$(PY) -m lagg_pipeline mode=select_tuned
 

@@ -276,48 +276,9 @@ def partition_overrides(params: dict) -> list[str]:
         f"{key}={value}" for key, value in params.items() if key.startswith("partition.") and key != "partition.name")
 
 
-def extension_sweeps(root: Path | None = None) -> list[str]:
-    """Every recorded extension sweep (overrides for ``python -m lagg_pipeline --multirun``)."""
-    return [line for path in sorted((root or tuned_root()).glob("*/*.yaml"))
-            for entry in OmegaConf.to_container(OmegaConf.load(path)).values() for line in entry.get("extend", [])]
-
-
-def status(root: Path | None = None, judged_rounds: int = 1000) -> list[str]:
-    """A markdown table of what is tuned: per task and setting, each baseline's budget
-    ("1000×3": rounds × seeds), "edge" where its choice sits on a grid edge, "—" where none is
-    recorded; and how many choices were made at the judged horizon."""
-    from lagg_pipeline.config import HAND_OPTIMIZERS
-
-    cells: dict[tuple[str, str], dict[str, str]] = {}
-    at_horizon = total = 0
-    for path in sorted((root or tuned_root()).glob("*/*.yaml")):
-        for name, entry in OmegaConf.to_container(OmegaConf.load(path)).items():
-            rounds, seeds = entry.get("rounds"), entry.get("seeds")
-            cell = f"{rounds}×{seeds}" if rounds and seeds else "budget not recorded"
-            cells.setdefault((path.parent.name, name), {})[path.stem] = cell + (", edge" if entry.get("on_grid_edge")
-                                                                                   else "")
-            total += 1
-            at_horizon += (rounds or 0) >= judged_rounds and (seeds or 0) >= 3
-    optimizers = [o for o in HAND_OPTIMIZERS if any(o in row for row in cells.values())]
-    lines = ["| task | setting | " + " | ".join(optimizers) + " |", "|---|---|" + "---|" * len(optimizers)]
-    lines += [f"| {task} | {name} | " + " | ".join(row.get(o, "—") for o in optimizers) + " |"
-              for (task, name), row in sorted(cells.items())]
-    return lines + ["", f"{at_horizon} of {total} choices made at the judged horizon ({judged_rounds} rounds × "
-                        f"at least 3 seeds); the rest are re-made by `make tune`."]
-
-
 def _typed(text: str):
     """An MLflow param (always a string) back to the number it was."""
     for cast in (int, float):
         with contextlib.suppress(ValueError):
             return cast(text)
     return text
-
-
-if __name__ == "__main__":  # `extensions`: what `make tune-extend` runs; `status`: what `make tune-status` prints
-    import sys
-
-    commands = {"extensions": extension_sweeps, "status": status}
-    if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python -m lagg_pipeline.tuning {{{','.join(commands)}}}")
-    print("\n".join(commands[sys.argv[1]]()))

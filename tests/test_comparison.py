@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lagg_pipeline import tracking, tuning
+from lagg_pipeline import tracking, tuning, tuning_records
 from lagg_pipeline.report import collect, headline, judge, page
 from lagg_pipeline.benchmark import BenchmarkResult
 from lagg_pipeline.jobs.benchmark import log_benchmark
@@ -102,7 +102,7 @@ def test_a_choice_on_the_grid_edge_records_the_sweep_one_step_past_it(tmp_path):
     assert entry["on_grid_edge"] == ["local_learning_rate"]  # momentum 0 ends the method's range; one server lr
     assert entry["extend"] == ["hparams_search=fedavgm task=digits_mlp H=8 k=8 local_learning_rate=6.0 "
                                "optimizer.server_learning_rate=1.0 optimizer.momentum=0.0 num_runs=1 num_rounds=30"]
-    assert tuning.extension_sweeps(tmp_path / "tuned") == entry["extend"]
+    assert tuning_records.extension_sweeps(tmp_path / "tuned") == entry["extend"]
     assert [tuning.beyond_edge("optimizer.momentum", 0.9, [0.0, 0.9]), tuning.beyond_edge("beta", 0.5, [0.5, 0.9]),
             tuning.beyond_edge("local_learning_rate", 0.1, [0.1, 1.0]),
             tuning.beyond_edge("local_learning_rate", 0.5, [0.1, 0.5, 1.0])] == [0.99, 0.25, 0.0333, None]

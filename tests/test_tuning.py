@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lagg_pipeline import tracking, tuning
+from lagg_pipeline import tracking, tuning, tuning_records
 from lagg_pipeline.benchmark import BenchmarkResult
 
 from test_comparison import log_run, tracking_cfg
@@ -106,7 +106,7 @@ def test_the_status_table_gives_each_choices_budget_and_edge_and_counts_those_at
         "H4_K8: {values: {local_learning_rate: 0.5}, rounds: 1000, seeds: 3, on_grid_edge: []}\n"
         "H8_K8: {values: {local_learning_rate: 0.5}, rounds: 300, seeds: 1, on_grid_edge: [local_learning_rate]}\n")
     (tmp_path / "digits_mlp" / "adam.yaml").write_text("H4_K8: {values: {local_learning_rate: 0.001}}\n")
-    lines = tuning.status(tmp_path)
+    lines = tuning_records.status(tmp_path)
     assert lines[:4] == ["| task | setting | fedavg | adam |", "|---|---|---|---|",
                          "| digits_mlp | H4_K8 | 1000×3 | budget not recorded |",
                          "| digits_mlp | H8_K8 | 300×1, edge | — |"]
