@@ -305,7 +305,8 @@ def test_tune_select_apply_and_report(tmp_path):
     Path("README.md").write_text("# x\n<!-- results:begin -->\n<!-- results:end -->\n")
     report = cli("mode=report", "tracking.experiment=results", "report_dir=rep", "readme=README.md")
     assert "### digits_mlp, K=8, H=4, B=128: 20 rounds, 2 seeds" in report.stdout
-    assert f"| fedavg | local_learning_rate={best} |" in Path("rep/report.md").read_text()  # tuned: no mark
+    # tuned at 10 rounds and judged over 20: the row says so
+    assert f"| fedavg (tuned at 10 rounds) | local_learning_rate={best} |" in Path("rep/report.md").read_text()
     assert Path("rep/digits_mlp_K8_H4_B128_R20.png").exists()
     assert "(rep/digits_mlp_K8_H4_B128_R20.png)" in Path("README.md").read_text()
     Path("HEAD.md").write_text("# x\n<!-- headline:begin -->\n<!-- headline:end -->\n")
