@@ -102,13 +102,16 @@ def gather(cfg, note) -> dict[GroupKey, list[Curves]]:
     """The experiment's measured groups merged with ``results_archive`` (when set), saying which rows
     came from it. With an archive, a store or experiment not created yet measures nothing: a fresh
     clone regenerates the report and the recommendation from the committed results alone."""
-    opened = open_experiment(cfg.tracking, missing_ok=bool(cfg.results_archive))
-    if isinstance(opened, UserError):
-        print(opened)
+    try:
+        client, _ = open_experiment(cfg.tracking)
+    except UserError as missing:
+        if not cfg.results_archive:
+            raise
+        print(missing)
         note(f"no runs of experiment {cfg.tracking.experiment} in this store: judged from the committed results "
              f"({cfg.results_archive}) alone")
         return merge(load(Path(cfg.results_archive)), {})[0]
-    measured = collect(opened[0], cfg.tracking.experiment, warn=note)
+    measured = collect(client, cfg.tracking.experiment, warn=note)
     if not cfg.results_archive:
         return measured
     groups, kept = merge(load(Path(cfg.results_archive)), measured)

@@ -26,28 +26,24 @@ TAGS = ("method", "optimizer", "task", "K", "H", "seed")
 CURVE_KEYS = ("train_loss", "eval_rounds", "test_loss", "test_accuracy", "outer_valid_loss")  # outer_valid_accuracy: newer runs
 
 
-def open_experiment(tracking_cfg, missing_ok: bool = False):
+def open_experiment(tracking_cfg):
     """(MlflowClient, experiment) of the configured store, creating nothing: a missing store or
-    experiment is a one-line error naming the experiments there are, or with ``missing_ok`` a
-    UserError returned in place of the pair."""
+    experiment is a one-line error naming the experiments there are."""
     from mlflow.tracking import MlflowClient
 
     from lagg_pipeline import tracking
 
     uri = tracking.tracking_uri(tracking_cfg.uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        missing = UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: run some benchmarks first "
-                            f"(tracking.uri, MLFLOW_TRACKING_URI)")
-    else:
-        client = MlflowClient(uri)
-        if (experiment := client.get_experiment_by_name(tracking_cfg.experiment)) is not None:
-            return client, experiment
+        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: run some benchmarks first (tracking.uri, "
+                        f"MLFLOW_TRACKING_URI)")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+    if experiment is None:
         names = sorted(e.name for e in client.search_experiments())
-        missing = UserError(f"tracking.experiment={tracking_cfg.experiment}: no such experiment in {uri}; "
-                            f"choose one of: {', '.join(names) or '(none)'}")
-    if missing_ok:
-        return missing
-    raise missing
+        raise UserError(f"tracking.experiment={tracking_cfg.experiment}: no such experiment in {uri}; "
+                        f"choose one of: {', '.join(names) or '(none)'}")
+    return client, experiment
 
 
 def _load_curves(client, run, method: str) -> dict[str, np.ndarray] | None:
