@@ -10,10 +10,16 @@ from omegaconf import OmegaConf
 from lagg_pipeline.tuning import tuned_root
 
 
+def _entries(root: Path | None):
+    """(task, optimizer, setting, entry) of every tuned file, in file order."""
+    for path in sorted((root or tuned_root()).glob("*/*.yaml")):
+        for name, entry in OmegaConf.to_container(OmegaConf.load(path)).items():
+            yield path.parent.name, path.stem, name, entry
+
+
 def extension_sweeps(root: Path | None = None) -> list[str]:
     """Every recorded extension sweep (overrides for ``python -m lagg_pipeline --multirun``)."""
-    return [line for path in sorted((root or tuned_root()).glob("*/*.yaml"))
-            for entry in OmegaConf.to_container(OmegaConf.load(path)).values() for line in entry.get("extend", [])]
+    return [line for *_, entry in _entries(root) for line in entry.get("extend", [])]
 
 
 def status(root: Path | None = None, judged_rounds: int = 1000) -> list[str]:
@@ -24,14 +30,12 @@ def status(root: Path | None = None, judged_rounds: int = 1000) -> list[str]:
 
     cells: dict[tuple[str, str], dict[str, str]] = {}
     at_horizon = total = 0
-    for path in sorted((root or tuned_root()).glob("*/*.yaml")):
-        for name, entry in OmegaConf.to_container(OmegaConf.load(path)).items():
-            rounds, seeds = entry.get("rounds"), entry.get("seeds")
-            cell = f"{rounds}×{seeds}" if rounds and seeds else "budget not recorded"
-            cells.setdefault((path.parent.name, name), {})[path.stem] = cell + (", edge" if entry.get("on_grid_edge")
-                                                                                   else "")
-            total += 1
-            at_horizon += (rounds or 0) >= judged_rounds and (seeds or 0) >= 3
+    for task, optimizer, name, entry in _entries(root):
+        rounds, seeds = entry.get("rounds"), entry.get("seeds")
+        cell = f"{rounds}×{seeds}" if rounds and seeds else "budget not recorded"
+        cells.setdefault((task, name), {})[optimizer] = cell + (", edge" if entry.get("on_grid_edge") else "")
+        total += 1
+        at_horizon += (rounds or 0) >= judged_rounds and (seeds or 0) >= 3
     optimizers = [o for o in HAND_OPTIMIZERS if any(o in row for row in cells.values())]
     lines = ["| task | setting | " + " | ".join(optimizers) + " |", "|---|---|" + "---|" * len(optimizers)]
     lines += [f"| {task} | {name} | " + " | ".join(row.get(o, "—") for o in optimizers) + " |"
