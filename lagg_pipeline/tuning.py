@@ -207,7 +207,8 @@ def _choose(client, experiment_name, task, optimizer, h, k, partition, members, 
     tried, chosen = {key: sorted({p[i] for p in points}) for i, key in enumerate(keys)}, list(points.values())
     parents = sorted({r.data.tags["mlflow.parentRunId"] for r in chosen})
     sweeps = [f"python -m lagg_pipeline --multirun {s}"
-              for s in sorted({client.get_run(p).data.params.get("sweep_overrides", "?") for p in parents})]
+              for s in sorted({grid_overrides(client.get_run(p).data.params.get("sweep_overrides", "?"))
+                               for p in parents})]
     if rival is not None and (top is None or rival["outer_valid_loss"] <= top[0]):
         values, score, best_run = rival["values"], rival["outer_valid_loss"], rival["mlflow"]["best_run"]
         best_point = tuple(values[key] for key in keys)  # every point past its edge diverged or scored worse
@@ -234,7 +235,7 @@ def _choose(client, experiment_name, task, optimizer, h, k, partition, members, 
         tried = {key: sorted(set(tried[key]) | set(rival["grid"][key])) for key in keys}
         grid_size, diverged = grid_size + rival["grid_points"], diverged + rival["diverged_points"]
         minutes = round(minutes + rival.get("grid_minutes", 0.0), 1)
-        sweeps = list(dict.fromkeys(rival["sweep"] + sweeps))
+        sweeps = list(dict.fromkeys([grid_overrides(s) for s in rival["sweep"]] + sweeps))
         parents = sorted(set(rival["mlflow"]["parent_runs"]) | set(parents))
     entry = {"values": values, "outer_valid_loss": float(score), "criterion": CRITERION, "grid_points": grid_size,
              "diverged_points": diverged, "grid": tried, "on_grid_edge": edges,
@@ -248,6 +249,12 @@ def _choose(client, experiment_name, task, optimizer, h, k, partition, members, 
     if partition != "iid":
         entry["clients"] = partition
     return entry
+
+
+def grid_overrides(sweep_overrides: str) -> str:
+    """A sweep's command-line overrides without Hydra's own (``hydra.sweep.dir=...``): where a sweep
+    wrote its folders is not part of the grid, and a machine's path does not belong in a tuned file."""
+    return " ".join(o for o in sweep_overrides.split() if not o.lstrip("+~").startswith("hydra."))
 
 
 def beyond_edge(key: str, best, tried: list):

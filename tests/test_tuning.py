@@ -83,7 +83,7 @@ def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_e
 
     # A new machine: a fresh store runs only the sweep past the edge; the grid that chose 2.0 is not in it.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new_machine.db'}")
-    _grid(((6.0, beyond_loss),), "hparams_search=fedavg H=4 k=8 local_learning_rate=6.0")
+    _grid(((6.0, beyond_loss),), "hparams_search=fedavg H=4 k=8 local_learning_rate=6.0 hydra.sweep.dir=/tmp/x")
     client, _ = tracking.client(tracking_cfg("tuning"))
     tuning.select(client, "tuning", root)
     entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
@@ -92,7 +92,9 @@ def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_e
     assert entry["diverged_points"] == (beyond_loss is None)
     assert entry["grid"] == {"local_learning_rate": [0.5, 1.0, 2.0, 6.0]} and entry["grid_points"] == 4
     assert entry["on_grid_edge"] == edges  # 6.0 won: the next step is 18; 2.0 held: 6.0 closed the edge
-    assert len(entry["sweep"]) == 2 and len(entry["mlflow"]["parent_runs"]) == 2
+    assert entry["sweep"] == ["python -m lagg_pipeline --multirun hparams_search=fedavg H=4",  # Hydra's own dropped
+                              "python -m lagg_pipeline --multirun hparams_search=fedavg H=4 k=8 local_learning_rate=6.0"]
+    assert len(entry["mlflow"]["parent_runs"]) == 2
     assert (entry["mlflow"]["best_run"] == first["mlflow"]["best_run"]) == (chosen == 2.0)
     assert len(client.search_runs([client.get_experiment_by_name("tuning").experiment_id])) == 2  # a parent, a point
     tuning.select(client, "tuning", root)  # selecting again counts nothing twice
