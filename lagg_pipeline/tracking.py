@@ -204,8 +204,8 @@ def _client_and_experiment(tracking_cfg):
     if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ and not tracking_cfg.uri:
         LOCAL_STORE.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    with store_lock(uri):  # the first access creates a fresh store's tables
+    with store_lock(uri):  # the first access (the client's constructor) creates a fresh store's tables
+        client = MlflowClient(uri)
         return client, _retrying(lambda: _experiment_id(client, uri, tracking_cfg.experiment))
 
 

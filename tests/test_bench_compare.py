@@ -7,18 +7,21 @@ import pytest
 from lagg_pipeline.bench import compare, steady
 
 
-def _run(step, compile_s, probe):
-    return {"pes_outer_step_seconds": step, "pes_outer_step_compile_seconds": compile_s, "probe_gflops": probe}
+def _run(step, compile_s, probe, init_s=1.0):
+    return {"pes_outer_step_seconds": step, "pes_outer_step_compile_seconds": compile_s, "pes_init_seconds": init_s,
+            "probe_gflops": probe}
 
 
 def test_table_gives_medians_and_the_ratio_pass_by_pass_with_each_pass_probe():
-    runs = {"digits_mlp": {"this": [_run(1.0, 4.0, 100), _run(2.0, 5.0, 120), _run(1.5, 6.0, 110)],
+    runs = {"digits_mlp": {"this": [_run(1.0, 4.0, 100, 2.0), _run(2.0, 5.0, 120), _run(1.5, 6.0, 110)],
                            "other": [_run(3.0, 8.0, 90), _run(3.0, 9.0, 130), _run(6.0, 9.0, 105)]}}
     text = compare.table(runs, {"this": "abc1234", "other": "a6de6c6"}, "--xla_x=1", "machine loaded")
     step = next(line for line in text.splitlines() if line.split()[1:2] == ["pes_outer_step"])
     # medians 1.5 and 3.0, ratio 2.00x; per pass 3/1, 3/2, 6/1.5; probes this/other per pass
     assert step.split()[2:10] == ["1.5", "3", "2.00x", "3.00", "1.50", "4.00", "100/90", "120/130"]
     assert step.split()[10] == "110/105"
+    init = next(line for line in text.splitlines() if line.split()[1:2] == ["pes_init"])
+    assert init.split()[2:8] == ["1", "1", "1.00x", "0.50", "1.00", "1.00"]  # the state's cold init, the other wait
     assert "machine loaded" in text and "XLA_FLAGS=--xla_x=1" in text
     share = next(line for line in text.splitlines() if "share_of_limit" in line)
     gflop = 800 * (compare.yardstick.round_flops((8, 8, 1), [32]) + compare.yardstick.lagg_a_flops((8, 8, 1), [32])) / 1e9

@@ -76,18 +76,28 @@ def test_a_fresh_sqlite_store_is_created_under_a_lock(tmp_path, monkeypatch):
 
     from lagg_pipeline import tracking
 
+    import mlflow.tracking
+
     db = tmp_path / "mlflow.db"
     held = []
 
-    def creating(client, uri, name):
+    def locked():
         with open(f"{db}.lock", "w") as other:  # another job's attempt at the same moment
             try:
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                held.append(False)
+                return False
             except BlockingIOError:
-                held.append(True)
+                return True
+
+    def creating(client, uri, name):
+        held.append(("experiment", locked()))
         return "0"
 
+    class Client:  # MLflow's constructor opens the store, which creates a fresh one's tables
+        def __init__(self, uri):
+            held.append(("client", locked()))
+
     monkeypatch.setattr(tracking, "_experiment_id", creating)
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", Client)
     tracking.client(OmegaConf.create({"enabled": True, "uri": f"sqlite:///{db}", "experiment": "x"}))
-    assert held == [True]
+    assert held == [("client", True), ("experiment", True)]

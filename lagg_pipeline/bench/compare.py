@@ -27,7 +27,7 @@ from lagg_pipeline.data.splits import DATASETS
 from lagg_pipeline.errors import UserError
 
 BEGIN, END = "<!-- bench-compare:begin -->", "<!-- bench-compare:end -->"
-MEASURES = ("pes_outer_step_seconds", "pes_outer_step_compile_seconds")
+MEASURES = ("pes_outer_step_seconds", "pes_outer_step_compile_seconds", "pes_init_seconds")
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -86,13 +86,15 @@ def pes_trainer(task, split, *, K: int, H: int, B: int, num_tasks: int, trunc_le
 
 
 def measure_pes(spec: dict) -> dict:
-    """A PES outer step's cold compile and median step time, probe readings before, between and
-    after. ``spec``: name, dataset, hidden, outer_steps and :func:`pes_trainer`'s shape keywords."""
+    """A PES outer step's cold compile and median step time, the meta-training state's cold init
+    (the other wait before the first step), probe readings before, between and after. ``spec``: name, dataset, hidden, outer_steps and :func:`pes_trainer`'s shape keywords."""
     jax.config.update("jax_enable_compilation_cache", False)  # cold compiles, whatever the environment says
     probe = Probe()
     task, splits = load_task(spec["name"], spec["dataset"], spec["hidden"])
     trainer = pes_trainer(task, splits.train, **{k: spec[k] for k in SHAPE_KEYS})
-    state = trainer.init()
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(trainer.init())  # cold too: what it compiles (op by op, or jitted)
+    init_s = time.perf_counter() - t0
     probe.read()
     t0 = time.perf_counter()
     compiled = jax.jit(trainer._step).lower(state, trainer.data).compile()
@@ -108,6 +110,7 @@ def measure_pes(spec: dict) -> dict:
         steps.append(time.perf_counter() - t0)
     probe.read()
     return {"pes_outer_step_seconds": statistics.median(steps), "pes_outer_step_compile_seconds": compile_s,
+            "pes_init_seconds": init_s,
             "probe_gflops": probe.gflops, "probe_readings": probe.readings, "devices": jax.device_count(),
             "package": sys.modules[type(trainer).__module__].__file__}  # which revision's code ran
 

@@ -38,7 +38,7 @@ def _measure_here(task_name: str, outer_steps: int, rounds: int, repeats: int) -
     task, splits = bench.load_task(task_name)
     fedavg = bench.time_rounds(task, splits.train, hand.fedavg(), rounds, repeats)[0]
     lagg_a = bench.time_rounds(task, splits.train, bench.learned_update("lagg_a", bench.DEFAULT.K), rounds, repeats)[0]
-    pes, compile_s, _, _ = bench.time_pes(task, splits.train, outer_steps, cached=False)
+    pes, compile_s, *_ = bench.time_pes(task, splits.train, outer_steps, cached=False)
     return {"devices": jax.device_count(), "fedavg_round_seconds": fedavg, "lagg_a_round_seconds": lagg_a,
             "pes_outer_step_seconds": pes, "pes_outer_step_compile_seconds": compile_s}
 

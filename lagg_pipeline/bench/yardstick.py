@@ -155,10 +155,12 @@ def pes_trainer(task, split, shape: Shape = DEFAULT):
 
 def time_pes(task, split, repeats: int, shape: Shape = DEFAULT, cached: bool = True):
     """(seconds per PES outer step of LAgg-A, compile seconds, memory MiB, compile seconds
-    again: from XLA's persistent cache, what every later job with these shapes pays; None
-    unless ``cached``)."""
+    again: from XLA's persistent cache, what every later job with these shapes pays, None
+    unless ``cached``; seconds of the meta-training state's cold init)."""
     trainer = pes_trainer(task, split, shape)
-    state = trainer.init()
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(trainer.init())
+    init_s = time.perf_counter() - t0
     compiled, compile_s, memory = compile_timed(trainer._step, state, trainer.data)
     cached_compile_s = compile_timed(trainer._step, state, trainer.data)[1] if cached else None
     holder = {"state": state}
@@ -167,7 +169,7 @@ def time_pes(task, split, repeats: int, shape: Shape = DEFAULT, cached: bool = T
         holder["state"], metrics = compiled(holder["state"], trainer.data)
         return metrics
 
-    return median_seconds(one_step, repeats), compile_s, memory, cached_compile_s
+    return median_seconds(one_step, repeats), compile_s, memory, cached_compile_s, init_s
 
 
 def load_task(name: str, hidden=None):
@@ -191,7 +193,7 @@ def measure(name: str, args) -> dict:
     timings = {m: time_rounds(task, splits.train, u, args.rounds, args.repeats) for m, u in updates.items()}
     out = {}
     if args.outer_steps:
-        *timings["pes_outer_step"], out["pes_outer_step_compile_seconds_cached"] = time_pes(
+        *timings["pes_outer_step"], out["pes_outer_step_compile_seconds_cached"], out["pes_init_seconds"] = time_pes(
             task, splits.train, args.outer_steps)
     for measure_name, (seconds, compile_s, memory) in timings.items():
         out.update({f"{measure_name}_seconds": seconds, f"{measure_name}_compile_seconds": compile_s,

@@ -133,13 +133,15 @@ class MetaTrainer:
         return jax.tree.map(lambda _: everywhere, state)._replace(pes=pes)
 
     def init(self) -> MetaTrainState:
-        key = jax.random.PRNGKey(self.cfg.seed)
-        k_meta, k_pes, k_next = jax.random.split(key, 3)
-        meta_params = self.aggregator.init_meta_params(k_meta)
+        # Jitted, bitwise equal to running it op by op, where each op of the fresh particles' init
+        # compiled on its own: 8.4 s of CPU before the first step (digits, 2-core machine), 4.8 jitted.
+        k_meta, k_pes, k_next = jax.random.split(jax.random.PRNGKey(self.cfg.seed), 3)
+        meta_params = jax.jit(self.aggregator.init_meta_params)(k_meta)
         if self.cfg.meta_init == "averaging":
             meta_params = self.aggregator.averaging_meta_params(meta_params, self.cfg.meta_init_scale)
-        pes = self.pes.init(meta_params, k_pes, self.data)
-        return MetaTrainState(meta_params, self.optimizer.init(meta_params), pes, k_next, jnp.int32(0))
+        pes, opt_state = jax.jit(lambda m, k, d: (self.pes.init(m, k, d), self.optimizer.init(m)))(
+            meta_params, k_pes, self.data)
+        return MetaTrainState(meta_params, opt_state, pes, k_next, jnp.int32(0))
 
     def _step(self, state: MetaTrainState, data: PESData):
         key, k_est = jax.random.split(state.key)
