@@ -87,7 +87,8 @@ def pes_trainer(task, split, *, K: int, H: int, B: int, num_tasks: int, trunc_le
 
 def measure_pes(spec: dict) -> dict:
     """A PES outer step's cold compile and median step time, the meta-training state's cold init
-    (the other wait before the first step), probe readings before, between and after. ``spec``: name, dataset, hidden, outer_steps and :func:`pes_trainer`'s shape keywords."""
+    (the other wait before the first step), probe readings before, between and after. ``spec``:
+    name, dataset, hidden, outer_steps and :func:`pes_trainer`'s shape keywords."""
     jax.config.update("jax_enable_compilation_cache", False)  # cold compiles, whatever the environment says
     probe = Probe()
     task, splits = load_task(spec["name"], spec["dataset"], spec["hidden"])
