@@ -135,3 +135,26 @@ def test_the_report_judges_archived_groups_beside_measured_ones_then_rewrites_th
     assert "lagg_a@x, fedavg read from the committed results" in text
     groups = archive.load(folder)
     assert set(groups) == {KEY, measured_key} and [r.method for r in groups[measured_key]] == ["fedavg"]
+
+
+def test_a_gap_of_exactly_half_a_point_meets_the_accuracy_margin_read_from_the_store_or_the_archive(tmp_path):
+    """5 seeds over 800 examples: accuracies on a 1/4000 grid, the learned row exactly 0.5 points
+    below the baseline at every evaluation. Float rounding used to decide such ties either way, and
+    differently in float64 (the store's curves) and float32 (the archive's), so a group rebuilt from
+    the archive changed its verdict."""
+    from lagg_pipeline.report import judge
+
+    evals = np.array([0, 100, 200, 300])
+    best = np.array([0.5, 0.8785, 0.9035, 0.9260])
+    curves = lambda method, optimizer, acc, level: Curves(
+        method, optimizer, "", optimizer == "fedavg", np.full((5, 300), level), evals, np.full((5, 4), 0.4),
+        np.tile(acc, (5, 1)), np.full((5, 4), 0.4), np.tile(acc, (5, 1)))
+    rows = [curves("lagg_a@x", "lagg_a", best - 0.005, 0.1), curves("fedavg", "fedavg", best, 0.3)]
+    _, from_archive = archive.load_group(archive.save_group(tmp_path, KEY, rows))
+    for group in (rows, from_archive):
+        for split in ("test", "outer_valid"):
+            (verdict,) = judge.judge(group, split).verdicts
+            assert verdict.checks["accuracy"].ok.tolist() == [True, True, True], split
+    one_more_example = [rows[0]._replace(outer_valid_accuracy=np.tile(best - 0.005 - 1 / 4000, (5, 1))), rows[1]]
+    (verdict,) = judge.judge(one_more_example, "outer_valid").verdicts
+    assert not verdict.checks["accuracy"].ok.any()
