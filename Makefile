@@ -88,6 +88,7 @@ tune-extend: install ## sweep one step past each grid edge a tuned choice sits o
 # The small-data regime: digits_mlp and MNIST-1D at 10,000 signals (seen by the families), the
 # unseen mnist5k_mlp and the 4-hidden-layer MLP mnist1d_mlp_deep: hundreds to thousands of epochs.
 # Each group's curves are committed there: a session measures some groups, the report judges all.
+# skip_finished=true: run again after an interruption, it reruns only the baselines not finished in the store.
 RESULTS_DATA := docs/results/data
 RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
 SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false
@@ -102,7 +103,8 @@ BASELINE_LIST := $(subst $(eval) ,$(COMMA),$(BASELINES))
 TASK_LIST := $(subst $(eval) ,$(COMMA),$(RESULT_TASKS))
 results: install ## benchmark tuned baselines and shipped aggregators, then `make recommend report`
 	for task in $(RESULT_TASKS); do \
-		$(PY) -m lagg_pipeline --multirun optimizer=$(BASELINE_LIST) task=$$task H=4,8 $(RESULTS_ARGS) || exit 1; done
+		$(PY) -m lagg_pipeline --multirun optimizer=$(BASELINE_LIST) task=$$task H=4,8 $(RESULTS_ARGS) skip_finished=true \
+			|| exit 1; done
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=$(TASK_LIST) H=4,8 $(SHIPPED_ARGS) pretrained=$(LAGG_A_FILES)
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=$(TASK_LIST) H=4,8 $(SHIPPED_ARGS) pretrained=$(LOPT_A_FILES)
 	$(PY) -m lagg_pipeline --multirun $(GAMMA_ROWS) $(SHIPPED_ARGS)

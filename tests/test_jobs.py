@@ -62,3 +62,42 @@ def test_a_recipes_keys_leave_out_its_group_choices():
     keys = recipe_keys("paper_fmnist")
     assert "num_rounds" in keys and not {"defaults", "task", "hydra"} & keys
     assert recipe_keys(None) == set()
+
+
+def test_a_finished_baseline_is_not_run_again_with_skip_finished(hydra_job, tmp_path, monkeypatch, capsys):
+    """A sweep run again (after a session ended, a preemption) runs only the points not finished yet."""
+    import lagg_pipeline.benchmark as protocol
+    from lagg_pipeline.jobs import run_job
+
+    def job(*overrides):  # as its Hydra job: a run folder of its own
+        folder = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        (folder / ".hydra").mkdir(parents=True)
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = str(folder)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return run_job(cfg)
+
+    tiny = ["optimizer=fedavg", "task=digits_mlp", "num_rounds=4", "eval_every=2", "num_runs=1", "progress=false",
+            "skip_finished=true", "tracking.experiment=tuning"]
+    first = job(*tiny)
+    real, calls = protocol.run_benchmark, []
+    monkeypatch.setattr(protocol, "run_benchmark", lambda *a, **k: calls.append(k) or real(*a, **k))
+    assert job(*tiny, "progress=true") == first and not calls  # bookkeeping differs: still the same
+    assert "these settings finished in run " in capsys.readouterr().out
+    job(*tiny, "seed=1")  # another seed is another point
+    job(*tiny[:-2], "skip_finished=false", "tracking.experiment=tuning")
+    job(*tiny[:-1], "tracking.experiment=other")  # another experiment holds nothing finished
+    assert [k["seed"] for k in calls] == [1, 0, 0]
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["optimizer=lagg_a"], "not used by optimizer=lagg_a; it skips a hand-designed optimizer's benchmark"),
+    (["optimizer=fedavg", "tracking.enabled=false"], "needs tracking.enabled=true .*set skip_finished=false"),
+])
+def test_skip_finished_where_it_cannot_apply_is_one_line(hydra_job, overrides, says):
+    from lagg_pipeline.jobs.inputs import refuse_unused_keys
+
+    with pytest.raises(config.ConfigError, match=says):
+        refuse_unused_keys(hydra_job(*overrides, "skip_finished=true"))

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from lagg_pipeline.data.partition import partition_label
 from lagg_pipeline.jobs.common import (FEDAVG, chosen_keys, end_status, hand_server_update, learned_aggregator,
-                                       output_dir, start_job_run)
+                                       output_dir, run_title, start_job_run)
 
 
 def log_benchmark(run, result, out: Path) -> None:
@@ -125,6 +125,14 @@ def hand_job(cfg, splits, task):
     """A hand-designed optimizer: benchmark it (with its tuned values); returns its outer-valid loss."""
     cfg = with_tuned_values(cfg)
     name = cfg.optimizer.name
+    if cfg.skip_finished:
+        from lagg_pipeline.jobs.finished import finished_run
+
+        done = finished_run(cfg, name)
+        if done is not None:
+            print(f"{run_title(cfg, name)}: these settings finished in run {done.info.run_id} of experiment "
+                  f"{cfg.tracking.experiment}; not run again (skip_finished=false runs it anew)")
+            return done.data.metrics["final_outer_valid_loss"]
     result = benchmark(cfg, hand_server_update(cfg.optimizer), name, splits, task)
     return finish([result], output_dir())[name]["outer_valid_loss"]
 

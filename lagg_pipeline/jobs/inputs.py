@@ -30,6 +30,12 @@ def refuse_unused_keys(cfg) -> None:
              f"fedavg_local_learning_rate={cfg.fedavg_local_learning_rate} is not used here; it sets the gamma of "
              f"the FedAvg baseline beside a benchmarked learned optimizer (with_fedavg=true)"
              + ("; for this optimizer use local_learning_rate" if not learned else ""))
+    _require(not (cfg.skip_finished and learned),
+             f"skip_finished=true is not used by optimizer={name}; it skips a hand-designed optimizer's benchmark "
+             f"whose settings finished before in the MLflow experiment")
+    _require(not cfg.skip_finished or cfg.tracking.enabled,
+             "skip_finished=true needs tracking.enabled=true (it looks for the finished runs in the MLflow "
+             "experiment); set skip_finished=false to run without tracking")
 
 
 def check_data(cfg) -> None:
