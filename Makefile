@@ -73,7 +73,7 @@ tune: install ## grid-search every baseline (MLflow experiment "tuning"), write 
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt task=$$task H=4,8 || exit 1; done; done
 	$(MAKE) tune-federated
 
-tune-status: install ## which baselines are tuned, at which budget (rounds x seeds), and which sit on a grid edge
+tune-status: install ## which baselines are tuned, at which budget (rounds x seeds), which sit on a grid edge, grids in progress
 	@$(PY) -m lagg_pipeline.tuning_records status
 
 tune-extend: install ## sweep one step past each grid edge a tuned choice sits on, select again (repeat until none)

@@ -1,13 +1,14 @@
 """What the tuned files record, read back for people and for make: the sweeps one step past
-a grid edge (``make tune-extend`` runs them) and a table of every choice's budget
-(``make tune-status``). ``python -m lagg_pipeline.tuning_records {extensions,status}``."""
+a grid edge (``make tune-extend`` runs them), a table of every choice's budget and the grids
+the store holds only part of (``make tune-status``).
+``python -m lagg_pipeline.tuning_records {extensions,status}``."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lagg_pipeline.tuning import tuned_root
+from lagg_pipeline.tuning import _recipe, _typed, tuned_root
 
 
 def _entries(root: Path | None):
@@ -44,10 +45,67 @@ def status(root: Path | None = None, judged_rounds: int = 1000) -> list[str]:
                         f"at least 3 seeds); the rest are re-made by `make tune`."]
 
 
+def _grid(recipe) -> dict[str, list]:
+    """{key: its values} of a grid recipe's sweep."""
+    return {key: [_typed(str(v)) for v in str(values).split(",")]
+            for key, values in recipe.hydra.sweeper.params.items()}
+
+
+def grid_progress(client, experiment: str = "tuning") -> list[str]:
+    """The grids the store holds only part of: per task, optimizer, H, K and clients, how many of its
+    recipe's points finished at the recipe's budget (rounds × seeds), and which are missing. Running
+    the grid again (``skip_finished=true`` in every recipe) runs just those."""
+    from itertools import product
+
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=50000)
+    done: dict[tuple, set] = {}
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        recipe = _recipe(tags.get("optimizer", ""))
+        if recipe is None or "mlflow.parentRunId" not in tags:
+            continue
+        grid = _grid(recipe)
+        if (_typed(params.get("num_rounds", "")), _typed(params.get("num_runs", ""))) != (recipe.num_rounds,
+                                                                                          recipe.num_runs):
+            continue
+        point = tuple(_typed(params.get(key, "")) for key in grid)
+        if all(value in grid[key] for value, key in zip(point, grid)):
+            group = (tags["task"], tags["optimizer"], tags["H"], tags["K"], tags.get("partition", "iid"))
+            done.setdefault(group, set()).add(point)
+    lines = []
+    for (task, optimizer, h, k, partition), points in sorted(done.items()):
+        grid = _grid(_recipe(optimizer))
+        missing = [p for p in product(*grid.values()) if p not in points]
+        if missing:
+            shown = "; ".join(", ".join(f"{key}={value}" for key, value in zip(grid, p)) for p in missing[:3])
+            where = "" if partition == "iid" else f" over clients {partition}"
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            lines.append(f"- {optimizer} on {task} H={h} K={k}{where}: {len(points)} of {len(missing) + len(points)} "
+                         f"points finished; missing {shown}{more}")
+    return lines
+
+
+def _store_progress() -> list[str]:
+    """grid_progress of the configured MLflow store (MLFLOW_TRACKING_URI or the local one), if there is one."""
+    from lagg_pipeline import tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    lines = grid_progress(MlflowClient(uri))
+    return ["", f"Grids in progress in {uri} (running the same grid again runs only the missing points):", *lines] \
+        if lines else []
+
+
 if __name__ == "__main__":
     import sys
 
-    commands = {"extensions": extension_sweeps, "status": status}
+    commands = {"extensions": extension_sweeps, "status": lambda: status() + _store_progress()}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m lagg_pipeline.tuning_records {{{','.join(commands)}}}")
     print("\n".join(commands[sys.argv[1]]()))

@@ -84,7 +84,9 @@ def test_a_finished_baseline_is_not_run_again_with_skip_finished(hydra_job, tmp_
     first = job(*tiny)
     real, calls = protocol.run_benchmark, []
     monkeypatch.setattr(protocol, "run_benchmark", lambda *a, **k: calls.append(k) or real(*a, **k))
-    assert job(*tiny, "progress=true") == first and not calls  # bookkeeping differs: still the same
+    with monkeypatch.context() as no_data:  # nor is the dataset read
+        no_data.setattr("lagg_pipeline.jobs.prepare", lambda cfg: pytest.fail("read the data of a finished point"))
+        assert job(*tiny, "progress=true") == first and not calls  # bookkeeping differs: still the same
     assert "these settings finished in run " in capsys.readouterr().out
     job(*tiny, "seed=1")  # another seed is another point
     job(*tiny[:-2], "skip_finished=false", "tracking.experiment=tuning")

@@ -113,3 +113,19 @@ def test_the_status_table_gives_each_choices_budget_and_edge_and_counts_those_at
                          "| digits_mlp | H4_K8 | 1000×3 | budget not recorded |",
                          "| digits_mlp | H8_K8 | 300×1, edge | — |"]
     assert lines[-1].startswith("1 of 3 choices made at the judged horizon (1000 rounds × at least 3 seeds)")
+
+
+def test_tune_status_lists_the_points_a_grid_still_misses_at_its_recipes_budget():
+    parent = tracking.start_run(tracking_cfg("tuning"), "sweep", {"sweep": "parent"})
+    train = np.full((3, 1000), 0.5)
+    ov = np.full((3, 21), 0.4)
+    for lr, rounds in ((0.3, 1000), (0.5, 1000), (1.0, 1000), (0.1, 200), (6.0, 1000)):  # another budget; off-grid
+        log_run("tuning", "fedavg", result(train[:, :rounds], ov[:, :rounds // 50 + 1]),
+                params={"local_learning_rate": lr}, parent=parent.run_id)
+    client, _ = tracking.client(tracking_cfg("tuning"))
+    assert tuning_records.grid_progress(client) == [
+        "- fedavg on digits_mlp H=4 K=8: 3 of 5 points finished; missing local_learning_rate=0.1; "
+        "local_learning_rate=2.0"]
+    for lr in (0.1, 2.0):
+        log_run("tuning", "fedavg", result(train, ov), params={"local_learning_rate": lr}, parent=parent.run_id)
+    assert tuning_records.grid_progress(client) == []

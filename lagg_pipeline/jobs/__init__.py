@@ -34,11 +34,13 @@ def run_job(cfg):
         from lagg_pipeline.jobs.recommend import recommend_job
 
         return recommend_job(cfg)
-    splits, task = prepare(cfg)
     from lagg_pipeline.jobs import benchmark
 
     if cfg.optimizer.name not in LEARNED_OPTIMIZERS:
-        return benchmark.hand_job(cfg, splits, task)
+        cfg = benchmark.with_tuned_values(cfg)
+        done = benchmark.finished_before(cfg) if cfg.skip_finished else None  # before any data is read
+        return done if done is not None else benchmark.hand_job(cfg, *prepare(cfg))
+    splits, task = prepare(cfg)
     if cfg.mode == "warm":
         from lagg_pipeline.jobs.warm import warm_job
 

@@ -121,18 +121,23 @@ def fedavg_baseline_config(cfg):
     return baseline
 
 
-def hand_job(cfg, splits, task):
-    """A hand-designed optimizer: benchmark it (with its tuned values); returns its outer-valid loss."""
-    cfg = with_tuned_values(cfg)
-    name = cfg.optimizer.name
-    if cfg.skip_finished:
-        from lagg_pipeline.jobs.finished import finished_run
+def finished_before(cfg) -> float | None:
+    """skip_finished=true: the outer-valid loss of a finished run with this job's settings (said), or None."""
+    from lagg_pipeline.jobs.finished import finished_run
 
-        done = finished_run(cfg, name)
-        if done is not None:
-            print(f"{run_title(cfg, name)}: these settings finished in run {done.info.run_id} of experiment "
-                  f"{cfg.tracking.experiment}; not run again (skip_finished=false runs it anew)")
-            return done.data.metrics["final_outer_valid_loss"]
+    name = cfg.optimizer.name
+    done = finished_run(cfg, name)
+    if done is None:
+        return None
+    print(f"{run_title(cfg, name)}: these settings finished in run {done.info.run_id} of experiment "
+          f"{cfg.tracking.experiment}; not run again (skip_finished=false runs it anew)")
+    return done.data.metrics["final_outer_valid_loss"]
+
+
+def hand_job(cfg, splits, task):
+    """A hand-designed optimizer at the values in ``cfg`` (its tuned ones applied by the caller,
+    :func:`with_tuned_values`): benchmark it; returns its outer-valid loss."""
+    name = cfg.optimizer.name
     result = benchmark(cfg, hand_server_update(cfg.optimizer), name, splits, task)
     return finish([result], output_dir())[name]["outer_valid_loss"]
 
