@@ -290,6 +290,8 @@ def test_benchmark_over_heterogeneous_clients_is_recorded_and_reported():
 def test_tune_select_apply_and_report(tmp_path):
     """A grid into the tuning experiment, the best point recorded, reused, and reported."""
     cli("--multirun", "hparams_search=fedavg", "H=4", "num_rounds=10", "num_runs=1", "eval_every=5")
+    again = cli("--multirun", "hparams_search=fedavg", "H=4", "num_rounds=10", "num_runs=1", "eval_every=5")
+    assert again.stdout.count("these settings finished in run ") == 5  # an interrupted grid continues where it was
     cli("mode=select_tuned", "tuned_dir=tuned")
     from omegaconf import OmegaConf
 
