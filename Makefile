@@ -64,6 +64,8 @@ bench-profile: install ## per-op profile of the digits and MNIST-1D PES steps (o
 # Baselines tuned on outer-valid (never the test split) at the judged horizon: every grid point
 # 1000 rounds x 3 seeds, chosen by the mean outer-valid loss from round 100 among points where no
 # seed diverged (docs/tuning.md); the choices go to conf/tuned_hparams/<task>/<optimizer>.yaml.
+# Every recipe sets skip_finished=true: after an interruption, `make tune` again runs only the points
+# not finished in the store (`make tune-status` lists them).
 # mnist1d_large_mlp (the paper's data regime) first: the main comparison; then its unseen-architecture
 # row, the 4-hidden-layer MLP on the same data.
 BASELINES    := fedavg slowmo fedavgm diloco fedadam fedyogi sgd adam
