@@ -90,10 +90,10 @@ tune-extend: install ## sweep one step past each grid edge a tuned choice sits o
 # The small-data regime: digits_mlp and MNIST-1D at 10,000 signals (seen by the families), the
 # unseen mnist5k_mlp and the 4-hidden-layer MLP mnist1d_mlp_deep: hundreds to thousands of epochs.
 # Each group's curves are committed there: a session measures some groups, the report judges all.
-# skip_finished=true: run again after an interruption, it reruns only the baselines not finished in the store.
+# skip_finished=true: run again after an interruption, it reruns only the rows not finished in the store.
 RESULTS_DATA := docs/results/data
 RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
-SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false
+SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false skip_finished=true
 RESULT_TASKS := mnist1d_large_mlp mnist1d_large_mlp_deep digits_mlp mnist1d_mlp mnist5k_mlp mnist1d_mlp_deep
 LAGG_A_FILES := mnist1d_large_k8_h4_mix,family_k8_h4,family_k8_h4_mix,family4_k8_h4_mix75
 LOPT_A_FILES := family_k8_h4_mix,family4_k8_h4_mix

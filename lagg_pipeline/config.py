@@ -108,7 +108,7 @@ class Config:
     data_dir: Optional[str] = None
     compile_cache_dir: Optional[str] = "~/.cache/lagg_pipeline/xla"  # XLA's persistent cache; null: off
     progress: bool = True
-    skip_finished: bool = False  # a hand-designed optimizer's benchmark whose settings finished before is not rerun
+    skip_finished: bool = False  # a benchmark whose settings finished before in the experiment is not rerun
     # Learned aggregators and meta-training (SPEC 3-4).
     hidden_size: int = 32
     num_tasks: int = 8

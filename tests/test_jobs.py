@@ -95,7 +95,9 @@ def test_a_finished_baseline_is_not_run_again_with_skip_finished(hydra_job, tmp_
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["optimizer=lagg_a"], "not used by optimizer=lagg_a; it skips a hand-designed optimizer's benchmark"),
+    (["optimizer=lagg_a"], "not used when optimizer=lagg_a meta-trains \\(mode=auto\\)"),
+    (["optimizer=lagg_a", "mode=meta_train"], "not used when optimizer=lagg_a meta-trains"),
+    (["optimizer=lopt_a", "pretrained=family_k8_h4_mix"], "needs with_fedavg=false"),
     (["optimizer=fedavg", "tracking.enabled=false"], "needs tracking.enabled=true .*set skip_finished=false"),
 ])
 def test_skip_finished_where_it_cannot_apply_is_one_line(hydra_job, overrides, says):
@@ -103,3 +105,42 @@ def test_skip_finished_where_it_cannot_apply_is_one_line(hydra_job, overrides, s
 
     with pytest.raises(config.ConfigError, match=says):
         refuse_unused_keys(hydra_job(*overrides, "skip_finished=true"))
+
+
+def test_a_saved_aggregators_finished_benchmark_is_skipped_until_its_file_changes(hydra_job, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """make results runs the shipped aggregators with skip_finished too; a file saved anew at the same
+    place (its sha256, recorded on the run) is another aggregator and runs again."""
+    import shutil
+
+    import mlflow
+
+    import lagg_pipeline.benchmark as protocol
+    from lagg_pipeline import pretrained
+    from lagg_pipeline.jobs import run_job
+
+    def job(*overrides):
+        folder = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        (folder / ".hydra").mkdir(parents=True)
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = str(folder)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return run_job(cfg)
+
+    saved = tmp_path / "saved.npz"
+    shutil.copy(pretrained.path("lagg_a", "family_k8_h4"), saved)
+    args = ["optimizer=lagg_a", f"checkpoint={saved}", "with_fedavg=false", "skip_finished=true", "task=digits_mlp",
+            "num_rounds=4", "eval_every=2", "num_runs=1", "progress=false"]
+    first = job(*args)
+    real, calls = protocol.run_benchmark, []
+    monkeypatch.setattr(protocol, "run_benchmark", lambda *a, **k: calls.append(k) or real(*a, **k))
+    assert job(*args) == first and not calls
+    assert "these settings finished in run " in capsys.readouterr().out
+    shutil.copy(pretrained.path("lagg_a", "family_k8_h4_mix"), saved)
+    job(*args)
+    assert len(calls) == 1
+    digests = {r.data.tags["meta_params_sha256"] for r in mlflow.search_runs(search_all_experiments=True,
+                                                                              output_format="list")}
+    assert len(digests) == 2

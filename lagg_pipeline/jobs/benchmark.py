@@ -121,15 +121,16 @@ def fedavg_baseline_config(cfg):
     return baseline
 
 
-def finished_before(cfg) -> float | None:
-    """skip_finished=true: the outer-valid loss of a finished run with this job's settings (said), or None."""
+def finished_before(cfg, method: str | None = None, digest: str | None = None) -> float | None:
+    """skip_finished=true: the outer-valid loss of a finished run of ``method`` (default: the
+    optimizer) with this job's settings and meta-parameter file (``digest``), said; or None."""
     from lagg_pipeline.jobs.finished import finished_run
 
-    name = cfg.optimizer.name
-    done = finished_run(cfg, name)
+    method = method or cfg.optimizer.name
+    done = finished_run(cfg, method, digest)
     if done is None:
         return None
-    print(f"{run_title(cfg, name)}: these settings finished in run {done.info.run_id} of experiment "
+    print(f"{run_title(cfg, method)}: these settings finished in run {done.info.run_id} of experiment "
           f"{cfg.tracking.experiment}; not run again (skip_finished=false runs it anew)")
     return done.data.metrics["final_outer_valid_loss"]
 
@@ -151,12 +152,15 @@ def learned_job(cfg, splits, task):
 
     name = cfg.optimizer.name
     if cfg.mode == "benchmark" or cfg.checkpoint or cfg.pretrained:
-        meta_params, metadata = load_meta_params(cfg)
+        meta_params, metadata, digest = load_meta_params(cfg)
         cfg = adopt_training_settings(cfg, metadata)
+        method = f"{name}@{cfg.pretrained}" if cfg.pretrained else name  # the report tells them apart
+        done = finished_before(cfg, method, digest) if cfg.skip_finished else None
+        if done is not None:
+            return done
         aggregator = learned_aggregator(cfg)
         server_update = checked_server_update(aggregator, meta_params)
-        run = start_job_run(cfg, name, splits, checkpoint=cfg.pretrained or cfg.checkpoint)
-        method = f"{name}@{cfg.pretrained}" if cfg.pretrained else name  # the report tells them apart
+        run = start_job_run(cfg, name, splits, checkpoint=cfg.pretrained or cfg.checkpoint, meta_params_sha256=digest)
         shipped = None
     else:
         aggregator = learned_aggregator(cfg)
@@ -168,10 +172,11 @@ def learned_job(cfg, splits, task):
         if shipped is not None:  # what a longer meta-training gives, beside this short one
             shipped_cfg = cfg.copy()
             shipped_cfg.pretrained = shipped
-            shipped_params, metadata = load_meta_params(shipped_cfg)
+            shipped_params, metadata, digest = load_meta_params(shipped_cfg)
             shipped_cfg = adopt_training_settings(shipped_cfg, metadata)
             results.append(benchmark(shipped_cfg, checked_server_update(aggregator, shipped_params),
-                                     f"{name}@{shipped}", splits, task, baseline_for=run.run_id))
+                                     f"{name}@{shipped}", splits, task, baseline_for=run.run_id,
+                                     meta_params_sha256=digest))
         if cfg.with_fedavg:
             baseline = fedavg_baseline_config(cfg)
             results.append(benchmark(baseline, hand_server_update(baseline.optimizer), "fedavg", splits, task,

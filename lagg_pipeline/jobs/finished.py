@@ -1,5 +1,5 @@
-"""skip_finished=true: a hand-designed optimizer's benchmark whose settings already finished in the
-job's MLflow experiment is not run again.
+"""skip_finished=true: a benchmark whose settings already finished in the job's MLflow experiment
+is not run again (a hand-designed optimizer's, or a saved aggregator's with the same file).
 
 A tuning grid or the Results' baselines take hours on 2 cores and are cut by sessions, schedulers
 and preemption; with this set (the grid recipes and ``make results`` set it), running the same
@@ -33,11 +33,14 @@ def settings_of(cfg) -> dict[str, str]:
     return _settings({k: str(v)[:6000] for k, v in flat.items()})
 
 
-def finished_run(cfg, method: str):
-    """The newest FINISHED run of ``method`` in the job's experiment with exactly this job's settings, or None."""
+def finished_run(cfg, method: str, digest: str | None = None):
+    """The newest FINISHED run of ``method`` in the job's experiment with exactly this job's settings
+    (and, for a saved aggregator, the same meta-parameter file: its sha256 ``digest``), or None."""
     client, experiment_id = tracking.client(cfg.tracking)
     query = (f"attributes.status = 'FINISHED' and tags.method = '{method}' and tags.task = '{cfg.task.name}' "
              f"and tags.H = '{cfg.num_local_steps}' and tags.K = '{cfg.num_grads}'")
+    if digest is not None:
+        query += f" and tags.meta_params_sha256 = '{digest}'"
     wanted = settings_of(cfg)
     for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"],
                                  max_results=50000):

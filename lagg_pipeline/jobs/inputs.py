@@ -30,9 +30,14 @@ def refuse_unused_keys(cfg) -> None:
              f"fedavg_local_learning_rate={cfg.fedavg_local_learning_rate} is not used here; it sets the gamma of "
              f"the FedAvg baseline beside a benchmarked learned optimizer (with_fedavg=true)"
              + ("; for this optimizer use local_learning_rate" if not learned else ""))
-    _require(not (cfg.skip_finished and learned),
-             f"skip_finished=true is not used by optimizer={name}; it skips a hand-designed optimizer's benchmark "
-             f"whose settings finished before in the MLflow experiment")
+    benchmarks_saved = saved is not None or cfg.mode == "benchmark"
+    _require(not (cfg.skip_finished and learned and not benchmarks_saved),
+             f"skip_finished=true is not used when optimizer={name} meta-trains (mode={cfg.mode}); it skips the "
+             f"benchmark of a hand-designed optimizer or of a saved aggregator (pretrained=, checkpoint=) whose "
+             f"settings finished before in the MLflow experiment")
+    _require(not (cfg.skip_finished and learned and cfg.with_fedavg),
+             f"skip_finished=true with optimizer={name} needs with_fedavg=false: the FedAvg run beside it is a "
+             f"benchmark of its own (run optimizer=fedavg with skip_finished=true for it)")
     _require(not cfg.skip_finished or cfg.tracking.enabled,
              "skip_finished=true needs tracking.enabled=true (it looks for the finished runs in the MLflow "
              "experiment); set skip_finished=false to run without tracking")

@@ -2,6 +2,7 @@
 checked and benchmarked with the settings it was meta-trained with."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from lagg_pipeline import tracking
@@ -12,7 +13,8 @@ from lagg_pipeline.jobs.common import command_line_keys, jax_tree
 
 
 def load_meta_params(cfg):
-    """(meta_params, metadata) from checkpoint=<file or MLflow artifact URI> or pretrained=<name>."""
+    """(meta_params, metadata, the file's sha256) from checkpoint=<file or MLflow artifact URI> or
+    pretrained=<name>; the digest tells a file apart from another saved at the same place."""
     from lagg_pipeline import pretrained
 
     location = str(pretrained.path(cfg.optimizer.name, cfg.pretrained)) if cfg.pretrained else cfg.checkpoint
@@ -28,7 +30,7 @@ def load_meta_params(cfg):
         except Exception as err:  # MlflowException, OSError: the run, the file or the server is missing
             raise UserError(f"checkpoint={cfg.checkpoint}: cannot download it: {str(err).splitlines()[0]}") from None
     meta_params, metadata = read_saved(location, cfg.optimizer.name, UserError)
-    return jax_tree(meta_params), metadata
+    return jax_tree(meta_params), metadata, hashlib.sha256(Path(location).read_bytes()).hexdigest()
 
 
 def read_saved(location, variant: str, error: type[Exception]):
