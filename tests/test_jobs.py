@@ -64,13 +64,13 @@ def test_a_recipes_keys_leave_out_its_group_choices():
     assert recipe_keys(None) == set()
 
 
-def test_a_finished_baseline_is_not_run_again_with_skip_finished(hydra_job, tmp_path, monkeypatch, capsys):
-    """A sweep run again (after a session ended, a preemption) runs only the points not finished yet."""
-    import lagg_pipeline.benchmark as protocol
+@pytest.fixture()
+def job_in_hydra(hydra_job, tmp_path):
+    """``run_job`` of a command line's overrides as its Hydra job runs it, in a run folder of its own."""
     from lagg_pipeline.jobs import run_job
 
-    def job(*overrides):  # as its Hydra job: a run folder of its own
-        folder = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    def run(*overrides):
+        folder = tmp_path / "runs" / str(len(list(tmp_path.glob("runs/*"))))
         (folder / ".hydra").mkdir(parents=True)
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
         cfg.hydra.runtime.output_dir = str(folder)
@@ -79,19 +79,34 @@ def test_a_finished_baseline_is_not_run_again_with_skip_finished(hydra_job, tmp_
             del cfg["hydra"]
         return run_job(cfg)
 
+    return run
+
+
+@pytest.fixture()
+def benchmark_calls(monkeypatch):
+    """The keyword arguments of every benchmark protocol run from here on."""
+    import lagg_pipeline.benchmark as protocol
+
+    real, calls = protocol.run_benchmark, []
+    monkeypatch.setattr(protocol, "run_benchmark", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+def test_a_finished_baseline_is_not_run_again_with_skip_finished(job_in_hydra, benchmark_calls, monkeypatch, capsys):
+    """A sweep run again (after a session ended, a preemption) runs only the points not finished yet."""
+    job = job_in_hydra
     tiny = ["optimizer=fedavg", "task=digits_mlp", "num_rounds=4", "eval_every=2", "num_runs=1", "progress=false",
             "skip_finished=true", "tracking.experiment=tuning"]
     first = job(*tiny)
-    real, calls = protocol.run_benchmark, []
-    monkeypatch.setattr(protocol, "run_benchmark", lambda *a, **k: calls.append(k) or real(*a, **k))
     with monkeypatch.context() as no_data:  # nor is the dataset read
         no_data.setattr("lagg_pipeline.jobs.prepare", lambda cfg: pytest.fail("read the data of a finished point"))
-        assert job(*tiny, "progress=true") == first and not calls  # bookkeeping differs: still the same
+        assert job(*tiny, "progress=true") == first  # bookkeeping differs: still the same
+    assert len(benchmark_calls) == 1
     assert "these settings finished in run " in capsys.readouterr().out
     job(*tiny, "seed=1")  # another seed is another point
     job(*tiny[:-2], "skip_finished=false", "tracking.experiment=tuning")
     job(*tiny[:-1], "tracking.experiment=other")  # another experiment holds nothing finished
-    assert [k["seed"] for k in calls] == [1, 0, 0]
+    assert [k["seed"] for k in benchmark_calls] == [0, 1, 0, 0]
 
 
 @pytest.mark.parametrize("overrides, says", [
@@ -107,40 +122,27 @@ def test_skip_finished_where_it_cannot_apply_is_one_line(hydra_job, overrides, s
         refuse_unused_keys(hydra_job(*overrides, "skip_finished=true"))
 
 
-def test_a_saved_aggregators_finished_benchmark_is_skipped_until_its_file_changes(hydra_job, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_a_saved_aggregators_finished_benchmark_is_skipped_until_its_file_changes(job_in_hydra, benchmark_calls,
+                                                                                   tmp_path, capsys):
     """make results runs the shipped aggregators with skip_finished too; a file saved anew at the same
     place (its sha256, recorded on the run) is another aggregator and runs again."""
     import shutil
 
     import mlflow
 
-    import lagg_pipeline.benchmark as protocol
     from lagg_pipeline import pretrained
-    from lagg_pipeline.jobs import run_job
 
-    def job(*overrides):
-        folder = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-        (folder / ".hydra").mkdir(parents=True)
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-        cfg.hydra.runtime.output_dir = str(folder)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return run_job(cfg)
-
+    job = job_in_hydra
     saved = tmp_path / "saved.npz"
     shutil.copy(pretrained.path("lagg_a", "family_k8_h4"), saved)
     args = ["optimizer=lagg_a", f"checkpoint={saved}", "with_fedavg=false", "skip_finished=true", "task=digits_mlp",
             "num_rounds=4", "eval_every=2", "num_runs=1", "progress=false"]
     first = job(*args)
-    real, calls = protocol.run_benchmark, []
-    monkeypatch.setattr(protocol, "run_benchmark", lambda *a, **k: calls.append(k) or real(*a, **k))
-    assert job(*args) == first and not calls
+    assert job(*args) == first and len(benchmark_calls) == 1
     assert "these settings finished in run " in capsys.readouterr().out
     shutil.copy(pretrained.path("lagg_a", "family_k8_h4_mix"), saved)
     job(*args)
-    assert len(calls) == 1
+    assert len(benchmark_calls) == 2
     digests = {r.data.tags["meta_params_sha256"] for r in mlflow.search_runs(search_all_experiments=True,
                                                                               output_format="list")}
     assert len(digests) == 2

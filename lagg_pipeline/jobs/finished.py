@@ -14,17 +14,15 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from lagg_pipeline import tracking
+from lagg_pipeline.report.identity import NOT_SETTINGS, NOT_SETTINGS_PREFIXES
 
-# Keys that cannot change a hand-designed optimizer's benchmark: where things go, how it is shown,
-# and selectors whose effect is logged as the values they chose (tuned= -> local_learning_rate, ...).
-IGNORED = {"progress", "skip_finished", "mode", "tuned", "tuned_dir", "report_dir", "readme", "headline",
-           "results_archive", "data_dir", "compile_cache_dir", "checkpoint_dir", "save_iter", "checkpoints_to_keep",
-           "pes_devices", "resume", "output_path", "legacy_path"}
-IGNORED_PREFIXES = ("tracking.", "distributed.")
+# The report's bookkeeping keys, less those that make a different point to run: the seeds (the
+# report pools over them) and where the meta-parameters come from (the file's digest decides too).
+IGNORED = NOT_SETTINGS - {"seed", "num_runs", "pretrained", "checkpoint", "with_fedavg", "fedavg_local_learning_rate"}
 
 
 def _settings(params: dict) -> dict[str, str]:
-    return {k: v for k, v in params.items() if k not in IGNORED and not k.startswith(IGNORED_PREFIXES)}
+    return {k: v for k, v in params.items() if k not in IGNORED and not k.startswith(NOT_SETTINGS_PREFIXES)}
 
 
 def settings_of(cfg) -> dict[str, str]:

@@ -11,7 +11,8 @@ from lagg_pipeline.config import HAND_OPTIMIZERS
 NOT_SETTINGS = {"seed", "num_runs", "progress", "skip_finished", "mode", "tuned", "tuned_dir", "with_fedavg",
                 "report_dir", "readme", "data_dir", "compile_cache_dir", "checkpoint_dir", "resume", "save_iter",
                 "checkpoints_to_keep", "legacy_path", "output_path", "pes_devices", "pretrained", "checkpoint",
-                "headline", "fedavg_local_learning_rate"}  # the last: a selector whose value a run logs as local_learning_rate
+                "headline", "results_archive",
+                "fedavg_local_learning_rate"}  # the last: a selector whose value a run logs as local_learning_rate
 NOT_SETTINGS_PREFIXES = ("tracking.", "distributed.")
 # Meta-training keys: settings only of a run that meta-trained its own aggregator.
 META_TRAINING = {"hidden_size", "num_tasks", "trunc_length", "pes_std", "num_inner_steps", "weight_decay",
