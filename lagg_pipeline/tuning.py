@@ -18,9 +18,11 @@ uses the values tuned over those same clients when a grid ran there, else the i.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -51,6 +53,31 @@ def grid_keys(optimizer: str) -> list[str]:
     """The keys the optimizer's grid recipe sweeps (the keys its tuning chooses)."""
     recipe = _recipe(optimizer)
     return [] if recipe is None else list(recipe.hydra.sweeper.params)
+
+
+def recipe_grid(optimizer: str) -> dict[str, list]:
+    """{key: its values} of the optimizer's grid recipe ({} without one)."""
+    recipe = _recipe(optimizer)
+    return {} if recipe is None else {key: [_typed(str(v)) for v in str(values).split(",")]
+                                      for key, values in recipe.hydra.sweeper.params.items()}
+
+
+def grid_size(optimizer: str) -> int:
+    """How many points the optimizer's recipe grid has."""
+    return math.prod(len(values) for values in recipe_grid(optimizer).values())
+
+
+def missing_points(optimizer: str, held: set[tuple], rounds: int, seeds: int) -> list[tuple]:
+    """The points of the optimizer's recipe grid that ``held`` (points run at ``rounds`` × ``seeds``) lacks,
+    when the held points are at the recipe's budget and include part of its grid; [] otherwise (a grid run
+    at another budget, or a store holding only the sweeps past an edge, is not the recipe's grid)."""
+    from itertools import product
+
+    recipe, grid = _recipe(optimizer), recipe_grid(optimizer)
+    if recipe is None or (rounds, seeds) != (recipe.num_rounds, recipe.num_runs):
+        return []
+    every = list(product(*grid.values()))
+    return [p for p in every if p not in held] if held.intersection(every) else []
 
 
 def tuned_root() -> Path:
@@ -149,9 +176,15 @@ def neighbours(points, keys: list[str], best: tuple, key: str) -> list:
     return sorted({p[i] for p in points if all(p[j] == best[j] for j in range(len(keys)) if j != i)})
 
 
-def select(client, experiment_name: str, out_root: Path) -> list[Path]:
+class Selection(NamedTuple):
+    written: list[Path]  # the tuned files written
+    unfinished: list[str]  # one line per grid the store holds only part of at its recipe's budget: not chosen
+
+
+def select(client, experiment_name: str, out_root: Path) -> Selection:
     """Write the best grid point of every (task, optimizer, H, K, clients) swept in ``experiment_name``,
-    chosen among the points of the newest budget (rounds, seeds, batch size)."""
+    chosen among the points of the newest budget (rounds, seeds, batch size); a grid run at its recipe's
+    budget is chosen from only when all of its points finished (running it again runs the rest)."""
     from lagg_pipeline.config import HAND_OPTIMIZERS
 
     experiment = client.get_experiment_by_name(experiment_name)
@@ -164,15 +197,24 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
         if tags.get("optimizer") in HAND_OPTIMIZERS and "mlflow.parentRunId" in tags:
             key = (tags["task"], tags["optimizer"], int(tags["H"]), int(tags["K"]), tags.get("partition", "iid"))
             groups.setdefault(key, []).append(run)
-    written = {}
+    written, unfinished = {}, []
     for (task, optimizer, h, k, partition), members in sorted(groups.items()):
         keys = grid_keys(optimizer)
         if not keys:
             continue
+        points = grid_points(members, keys)
+        rounds, seeds, _ = budget(next(iter(points.values())))
+        missing = missing_points(optimizer, set(points), rounds, seeds)
+        if missing:  # a choice from part of a grid would look as final as one from all of it
+            where = "" if partition == "iid" else f" over clients {partition}"
+            total = grid_size(optimizer)
+            unfinished.append(f"{optimizer} on {task} H={h} K={k}{where}: {total - len(missing)} of {total} grid "
+                              f"points finished, not chosen until the rest are")
+            continue
         path = out_root / task / f"{optimizer}.yaml"
         name = entry_name(h, k, partition)
         recorded = OmegaConf.to_container(OmegaConf.load(path)).get(name) if path.is_file() else None
-        entry = _choose(client, experiment_name, task, optimizer, h, k, partition, members, keys, recorded)
+        entry = _choose(client, experiment_name, task, optimizer, h, k, partition, members, points, keys, recorded)
         if entry is not None:
             written.setdefault(path, {})[name] = entry
     for path, entries in written.items():
@@ -185,14 +227,15 @@ def select(client, experiment_name: str, out_root: Path) -> list[Path]:
                   f"# the key. `sweep` is the command that produced the grid; `extend` the overrides of the\n"
                   f"# sweeps one step past a grid edge the choice sits on (`make tune-extend` runs them).\n")
         path.write_text(header + OmegaConf.to_yaml(OmegaConf.create({**existing, **entries})))
-    return sorted(written)
+    return Selection(sorted(written), unfinished)
 
 
-def _choose(client, experiment_name, task, optimizer, h, k, partition, members, keys, recorded) -> dict | None:
-    """The tuned entry of one (task, optimizer, H, K, clients) from its runs in the store. A recorded entry
-    whose sweeps the store does not all hold (a fresh store ran only the sweeps past its edges) competes with
-    the store's points at the same budget: the lower score wins; grids, sweeps and costs are the union."""
-    points = grid_points(members, keys)
+def _choose(client, experiment_name, task, optimizer, h, k, partition, members, points, keys,
+            recorded) -> dict | None:
+    """The tuned entry of one (task, optimizer, H, K, clients) from its runs in the store (``points``: its
+    grid_points). A recorded entry whose sweeps the store does not all hold (a fresh store ran only the
+    sweeps past its edges) competes with the store's points at the same budget: the lower score wins; grids,
+    sweeps and costs are the union."""
     scored = [(score_of(client, r, budget(r)[0]), point, r) for point, r in points.items()
               if r.data.metrics.get(DIVERGED_SEEDS, 0) == 0]
     scored = [item for item in scored if np.isfinite(item[0])]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lagg_pipeline.tuning import _recipe, _typed, tuned_root
+from lagg_pipeline.tuning import _typed, grid_size, missing_points, recipe_grid, tuned_root
 
 
 def _entries(root: Path | None):
@@ -45,18 +45,10 @@ def status(root: Path | None = None, judged_rounds: int = 1000) -> list[str]:
                         f"at least 3 seeds); the rest are re-made by `make tune`."]
 
 
-def _grid(recipe) -> dict[str, list]:
-    """{key: its values} of a grid recipe's sweep."""
-    return {key: [_typed(str(v)) for v in str(values).split(",")]
-            for key, values in recipe.hydra.sweeper.params.items()}
-
-
 def grid_progress(client, experiment: str = "tuning") -> list[str]:
     """The grids the store holds only part of: per task, optimizer, H, K and clients, how many of its
     recipe's points finished at the recipe's budget (rounds × seeds), and which are missing. Running
     the grid again (``skip_finished=true`` in every recipe) runs just those."""
-    from itertools import product
-
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -64,26 +56,22 @@ def grid_progress(client, experiment: str = "tuning") -> list[str]:
     done: dict[tuple, set] = {}
     for run in runs:
         tags, params = run.data.tags, run.data.params
-        recipe = _recipe(tags.get("optimizer", ""))
-        if recipe is None or "mlflow.parentRunId" not in tags:
+        grid = recipe_grid(tags.get("optimizer", ""))
+        if not grid or "mlflow.parentRunId" not in tags:
             continue
-        grid = _grid(recipe)
-        if (_typed(params.get("num_rounds", "")), _typed(params.get("num_runs", ""))) != (recipe.num_rounds,
-                                                                                          recipe.num_runs):
-            continue
-        point = tuple(_typed(params.get(key, "")) for key in grid)
-        if all(value in grid[key] for value, key in zip(point, grid)):
-            group = (tags["task"], tags["optimizer"], tags["H"], tags["K"], tags.get("partition", "iid"))
-            done.setdefault(group, set()).add(point)
+        group = (tags["task"], tags["optimizer"], tags["H"], tags["K"], tags.get("partition", "iid"),
+                 _typed(params.get("num_rounds", "")), _typed(params.get("num_runs", "")))
+        done.setdefault(group, set()).add(tuple(_typed(params.get(key, "")) for key in grid))
     lines = []
-    for (task, optimizer, h, k, partition), points in sorted(done.items()):
-        grid = _grid(_recipe(optimizer))
-        missing = [p for p in product(*grid.values()) if p not in points]
+    for (task, optimizer, h, k, partition, rounds, seeds), points in sorted(done.items(), key=str):
+        missing = missing_points(optimizer, points, rounds, seeds)
         if missing:
+            grid = recipe_grid(optimizer)
             shown = "; ".join(", ".join(f"{key}={value}" for key, value in zip(grid, p)) for p in missing[:3])
             where = "" if partition == "iid" else f" over clients {partition}"
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            lines.append(f"- {optimizer} on {task} H={h} K={k}{where}: {len(points)} of {len(missing) + len(points)} "
+            total = grid_size(optimizer)
+            lines.append(f"- {optimizer} on {task} H={h} K={k}{where}: {total - len(missing)} of {total} "
                          f"points finished; missing {shown}{more}")
     return lines
 

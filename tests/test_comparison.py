@@ -59,7 +59,7 @@ def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
                 params={"local_learning_rate": lr, **clients}, partition="dirichlet(alpha=0.1, M=64)")
     log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), 0.01)), params={"local_learning_rate": 9.0})
     client, _ = tracking.client(tracking_cfg("tuning"))
-    (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
+    (path,) = tuning.select(client, "tuning", tmp_path / "tuned").written
     assert path == tmp_path / "tuned" / "digits_mlp" / "fedavg.yaml"
     entries = OmegaConf.to_container(OmegaConf.load(path))
     assert sorted(entries) == ["H4_K8", "H4_K8_dirichlet_alpha0.1_M64"]
@@ -95,7 +95,7 @@ def test_a_choice_on_the_grid_edge_records_the_sweep_one_step_past_it(tmp_path):
         log_run("tuning", "fedavgm", fake_result("fedavgm", train, np.full((1, 3), ov)), H=8, parent=parent.run_id,
                 params={"local_learning_rate": lr, "optimizer.server_learning_rate": 1.0, "optimizer.momentum": momentum})
     client, _ = tracking.client(tracking_cfg("tuning"))
-    (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
+    (path,) = tuning.select(client, "tuning", tmp_path / "tuned").written
     entry = OmegaConf.to_container(OmegaConf.load(path))["H8_K8"]
     assert entry["values"] == {"local_learning_rate": 2.0, "optimizer.server_learning_rate": 1.0,
                                "optimizer.momentum": 0.0}
@@ -122,7 +122,7 @@ def test_select_compares_one_budget_counts_each_point_once_and_judges_edges_by_n
         point(60, lr, server_lr, 0.0, ov)
     point(60, 2.0, 1.0, 0.0, 0.12)  # the best point re-run: one point, its newest run
     client, _ = tracking.client(tracking_cfg("tuning"))
-    (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
+    (path,) = tuning.select(client, "tuning", tmp_path / "tuned").written
     entry = OmegaConf.to_container(OmegaConf.load(path))["H8_K8"]
     assert entry["values"] == {"local_learning_rate": 2.0, "optimizer.server_learning_rate": 1.0,
                                "optimizer.momentum": 0.0}

@@ -51,7 +51,7 @@ def test_select_reads_the_logged_curve_and_never_picks_a_point_where_one_seed_di
                           (0.1, train, np.full((3, 5), 0.9)), (1.0, train, early)):
         log_run("tuning", "fedavg", result(curve, ov), params={"local_learning_rate": lr}, parent=parent.run_id)
     client, _ = tracking.client(tracking_cfg("tuning"))
-    (path,) = tuning.select(client, "tuning", tmp_path / "tuned")
+    (path,) = tuning.select(client, "tuning", tmp_path / "tuned").written
     entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert entry["values"] == {"local_learning_rate": 0.5} and entry["outer_valid_loss"] == pytest.approx(0.4)
     assert entry["diverged_points"] == 1 and entry["criterion"] == tuning.CRITERION
@@ -76,7 +76,7 @@ def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_e
     _grid(((0.5, 0.7), (1.0, 0.5), (2.0, 0.4)), "hparams_search=fedavg H=4")
     client, _ = tracking.client(tracking_cfg("tuning"))
     root = tmp_path / "tuned"
-    (path,) = tuning.select(client, "tuning", root)
+    (path,) = tuning.select(client, "tuning", root).written
     first = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert first["values"] == {"local_learning_rate": 2.0} and first["on_grid_edge"] == ["local_learning_rate"]
     assert first["extend"] == ["hparams_search=fedavg task=digits_mlp H=4 k=8 local_learning_rate=6.0 num_rounds=200"]
@@ -115,8 +115,9 @@ def test_the_status_table_gives_each_choices_budget_and_edge_and_counts_those_at
     assert lines[-1].startswith("1 of 3 choices made at the judged horizon (1000 rounds × at least 3 seeds)")
 
 
-def test_tune_status_lists_the_points_a_grid_still_misses_at_its_recipes_budget():
+def test_a_grid_the_store_holds_in_part_is_listed_by_tune_status_and_not_chosen_from(tmp_path):
     parent = tracking.start_run(tracking_cfg("tuning"), "sweep", {"sweep": "parent"})
+    parent.log_params({"sweep_overrides": "hparams_search=fedavg H=4"})
     train = np.full((3, 1000), 0.5)
     ov = np.full((3, 21), 0.4)
     for lr, rounds in ((0.3, 1000), (0.5, 1000), (1.0, 1000), (0.1, 200), (6.0, 1000)):  # another budget; off-grid
@@ -126,6 +127,14 @@ def test_tune_status_lists_the_points_a_grid_still_misses_at_its_recipes_budget(
     assert tuning_records.grid_progress(client) == [
         "- fedavg on digits_mlp H=4 K=8: 3 of 5 points finished; missing local_learning_rate=0.1; "
         "local_learning_rate=2.0"]
-    for lr in (0.1, 2.0):
-        log_run("tuning", "fedavg", result(train, ov), params={"local_learning_rate": lr}, parent=parent.run_id)
+    root = tmp_path / "tuned"
+    assert tuning.select(client, "tuning", root) == tuning.Selection(
+        [], ["fedavg on digits_mlp H=4 K=8: 3 of 5 grid points finished, not chosen until the rest are"])
+    assert not root.exists()
+    for lr, loss in ((0.1, 0.4), (2.0, 0.3)):
+        log_run("tuning", "fedavg", result(train, np.full((3, 21), loss)), params={"local_learning_rate": lr},
+                parent=parent.run_id)
     assert tuning_records.grid_progress(client) == []
+    (path,), unfinished = tuning.select(client, "tuning", root)
+    entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
+    assert unfinished == [] and entry["values"] == {"local_learning_rate": 2.0} and entry["grid_points"] == 6

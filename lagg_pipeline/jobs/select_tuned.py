@@ -16,11 +16,13 @@ def select_tuned_job(cfg):
     client, _ = tracking.client(cfg.tracking)
     root = Path(cfg.tuned_dir) if cfg.tuned_dir else tuning.tuned_root()
     try:
-        written = tuning.select(client, experiment, root)
+        written, unfinished = tuning.select(client, experiment, root)
     except LookupError as err:
         raise UserError(str(err)) from None
     for path in written:
         print(f"wrote {path}")
-    if not written:
+    for line in unfinished:
+        print(f"{line} (running its grid again runs only the missing points; `make tune-status` lists them)")
+    if not written and not unfinished:
         print(f"no finished grid runs of hand-designed optimizers in experiment {experiment}")
     return [str(p) for p in written]
