@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lagg_pipeline import tracking, tuning, tuning_records
+from lagg_pipeline import tracking, tuning, tuning_records, tuning_select
 from lagg_pipeline.report import collect, headline, judge, page
 from lagg_pipeline.benchmark import BenchmarkResult
 from lagg_pipeline.jobs.benchmark import log_benchmark
@@ -59,7 +59,7 @@ def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
                 params={"local_learning_rate": lr, **clients}, partition="dirichlet(alpha=0.1, M=64)")
     log_run("tuning", "fedavg", fake_result("fedavg", train, np.full((2, 3), 0.01)), params={"local_learning_rate": 9.0})
     client, _ = tracking.client(tracking_cfg("tuning"))
-    (path,) = tuning.select(client, "tuning", tmp_path / "tuned").written
+    (path,) = tuning_select.select(client, "tuning", tmp_path / "tuned").written
     assert path == tmp_path / "tuned" / "digits_mlp" / "fedavg.yaml"
     entries = OmegaConf.to_container(OmegaConf.load(path))
     assert sorted(entries) == ["H4_K8", "H4_K8_dirichlet_alpha0.1_M64"]
@@ -76,7 +76,7 @@ def test_select_picks_lowest_outer_valid_loss_and_records_the_sweep(tmp_path):
     assert entry["mlflow"]["parent_runs"] == [parent.run_id]
     grid = [r for r in client.search_runs([client.get_experiment_by_name("tuning").experiment_id])
             if r.data.tags.get("mlflow.parentRunId") and r.data.tags.get("partition") is None]
-    assert len(grid) == 4 and entry["grid_minutes"] == tuning.grid_minutes(grid)
+    assert len(grid) == 4 and entry["grid_minutes"] == tuning_select.grid_minutes(grid)
 
 
 def test_a_grids_wall_time_sums_its_points_runs():
@@ -84,7 +84,7 @@ def test_a_grids_wall_time_sums_its_points_runs():
 
     runs = [SimpleNamespace(info=SimpleNamespace(start_time=t0, end_time=t0 + ms)) for t0, ms in ((5, 90_000),
                                                                                                   (10**12, 30_000))]
-    assert tuning.grid_minutes(runs) == 2.0
+    assert tuning_select.grid_minutes(runs) == 2.0
 
 
 def test_a_choice_on_the_grid_edge_records_the_sweep_one_step_past_it(tmp_path):
@@ -95,7 +95,7 @@ def test_a_choice_on_the_grid_edge_records_the_sweep_one_step_past_it(tmp_path):
         log_run("tuning", "fedavgm", fake_result("fedavgm", train, np.full((1, 3), ov)), H=8, parent=parent.run_id,
                 params={"local_learning_rate": lr, "optimizer.server_learning_rate": 1.0, "optimizer.momentum": momentum})
     client, _ = tracking.client(tracking_cfg("tuning"))
-    (path,) = tuning.select(client, "tuning", tmp_path / "tuned").written
+    (path,) = tuning_select.select(client, "tuning", tmp_path / "tuned").written
     entry = OmegaConf.to_container(OmegaConf.load(path))["H8_K8"]
     assert entry["values"] == {"local_learning_rate": 2.0, "optimizer.server_learning_rate": 1.0,
                                "optimizer.momentum": 0.0}
@@ -103,9 +103,9 @@ def test_a_choice_on_the_grid_edge_records_the_sweep_one_step_past_it(tmp_path):
     assert entry["extend"] == ["hparams_search=fedavgm task=digits_mlp H=8 k=8 local_learning_rate=6.0 "
                                "optimizer.server_learning_rate=1.0 optimizer.momentum=0.0 num_runs=1 num_rounds=30"]
     assert tuning_records.extension_sweeps(tmp_path / "tuned") == entry["extend"]
-    assert [tuning.beyond_edge("optimizer.momentum", 0.9, [0.0, 0.9]), tuning.beyond_edge("beta", 0.5, [0.5, 0.9]),
-            tuning.beyond_edge("local_learning_rate", 0.1, [0.1, 1.0]),
-            tuning.beyond_edge("local_learning_rate", 0.5, [0.1, 0.5, 1.0])] == [0.99, 0.25, 0.0333, None]
+    assert [tuning_select.beyond_edge("optimizer.momentum", 0.9, [0.0, 0.9]), tuning_select.beyond_edge("beta", 0.5, [0.5, 0.9]),
+            tuning_select.beyond_edge("local_learning_rate", 0.1, [0.1, 1.0]),
+            tuning_select.beyond_edge("local_learning_rate", 0.5, [0.1, 0.5, 1.0])] == [0.99, 0.25, 0.0333, None]
 
 
 def test_select_compares_one_budget_counts_each_point_once_and_judges_edges_by_neighbours(tmp_path):
@@ -122,7 +122,7 @@ def test_select_compares_one_budget_counts_each_point_once_and_judges_edges_by_n
         point(60, lr, server_lr, 0.0, ov)
     point(60, 2.0, 1.0, 0.0, 0.12)  # the best point re-run: one point, its newest run
     client, _ = tracking.client(tracking_cfg("tuning"))
-    (path,) = tuning.select(client, "tuning", tmp_path / "tuned").written
+    (path,) = tuning_select.select(client, "tuning", tmp_path / "tuned").written
     entry = OmegaConf.to_container(OmegaConf.load(path))["H8_K8"]
     assert entry["values"] == {"local_learning_rate": 2.0, "optimizer.server_learning_rate": 1.0,
                                "optimizer.momentum": 0.0}

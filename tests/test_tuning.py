@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lagg_pipeline import tracking, tuning, tuning_records
+from lagg_pipeline import tracking, tuning, tuning_records, tuning_select
 from lagg_pipeline.benchmark import BenchmarkResult
 
 from test_comparison import log_run, tracking_cfg
@@ -51,7 +51,7 @@ def test_select_reads_the_logged_curve_and_never_picks_a_point_where_one_seed_di
                           (0.1, train, np.full((3, 5), 0.9)), (1.0, train, early)):
         log_run("tuning", "fedavg", result(curve, ov), params={"local_learning_rate": lr}, parent=parent.run_id)
     client, _ = tracking.client(tracking_cfg("tuning"))
-    (path,) = tuning.select(client, "tuning", tmp_path / "tuned").written
+    (path,) = tuning_select.select(client, "tuning", tmp_path / "tuned").written
     entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert entry["values"] == {"local_learning_rate": 0.5} and entry["outer_valid_loss"] == pytest.approx(0.4)
     assert entry["diverged_points"] == 1 and entry["criterion"] == tuning.CRITERION
@@ -76,7 +76,7 @@ def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_e
     _grid(((0.5, 0.7), (1.0, 0.5), (2.0, 0.4)), "hparams_search=fedavg H=4")
     client, _ = tracking.client(tracking_cfg("tuning"))
     root = tmp_path / "tuned"
-    (path,) = tuning.select(client, "tuning", root).written
+    (path,) = tuning_select.select(client, "tuning", root).written
     first = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert first["values"] == {"local_learning_rate": 2.0} and first["on_grid_edge"] == ["local_learning_rate"]
     assert first["extend"] == ["hparams_search=fedavg task=digits_mlp H=4 k=8 local_learning_rate=6.0 num_rounds=200"]
@@ -85,7 +85,7 @@ def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_e
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new_machine.db'}")
     _grid(((6.0, beyond_loss),), "hparams_search=fedavg H=4 k=8 local_learning_rate=6.0 hydra.sweep.dir=/tmp/x")
     client, _ = tracking.client(tracking_cfg("tuning"))
-    tuning.select(client, "tuning", root)
+    tuning_select.select(client, "tuning", root)
     entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert entry["values"] == {"local_learning_rate": chosen}
     assert entry["outer_valid_loss"] == pytest.approx(min(0.4, beyond_loss or np.inf))
@@ -97,7 +97,7 @@ def test_on_a_fresh_store_the_recorded_choice_competes_with_the_sweep_past_its_e
     assert len(entry["mlflow"]["parent_runs"]) == 2
     assert (entry["mlflow"]["best_run"] == first["mlflow"]["best_run"]) == (chosen == 2.0)
     assert len(client.search_runs([client.get_experiment_by_name("tuning").experiment_id])) == 2  # a parent, a point
-    tuning.select(client, "tuning", root)  # selecting again counts nothing twice
+    tuning_select.select(client, "tuning", root)  # selecting again counts nothing twice
     again = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert again == entry
 
@@ -128,13 +128,13 @@ def test_a_grid_the_store_holds_in_part_is_listed_by_tune_status_and_not_chosen_
         "- fedavg on digits_mlp H=4 K=8: 3 of 5 points finished; missing local_learning_rate=0.1; "
         "local_learning_rate=2.0"]
     root = tmp_path / "tuned"
-    assert tuning.select(client, "tuning", root) == tuning.Selection(
+    assert tuning_select.select(client, "tuning", root) == tuning_select.Selection(
         [], ["fedavg on digits_mlp H=4 K=8: 3 of 5 grid points finished, not chosen until the rest are"])
     assert not root.exists()
     for lr, loss in ((0.1, 0.4), (2.0, 0.3)):
         log_run("tuning", "fedavg", result(train, np.full((3, 21), loss)), params={"local_learning_rate": lr},
                 parent=parent.run_id)
     assert tuning_records.grid_progress(client) == []
-    (path,), unfinished = tuning.select(client, "tuning", root)
+    (path,), unfinished = tuning_select.select(client, "tuning", root)
     entry = OmegaConf.to_container(OmegaConf.load(path))["H4_K8"]
     assert unfinished == [] and entry["values"] == {"local_learning_rate": 2.0} and entry["grid_points"] == 6

@@ -10,13 +10,13 @@ from lagg_pipeline.jobs.common import command_line_keys
 
 def select_tuned_job(cfg):
     """mode=select_tuned: write the best grid point per task/optimizer/H/K of the tuning experiment."""
-    from lagg_pipeline import tuning
+    from lagg_pipeline import tuning, tuning_select
 
     experiment = cfg.tracking.experiment if "tracking.experiment" in command_line_keys() else "tuning"
     client, _ = tracking.client(cfg.tracking)
     root = Path(cfg.tuned_dir) if cfg.tuned_dir else tuning.tuned_root()
     try:
-        written, unfinished = tuning.select(client, experiment, root)
+        written, unfinished = tuning_select.select(client, experiment, root)
     except LookupError as err:
         raise UserError(str(err)) from None
     for path in written:
