@@ -41,8 +41,7 @@ def _recipe(optimizer: str):
 
 def grid_keys(optimizer: str) -> list[str]:
     """The keys the optimizer's grid recipe sweeps (the keys its tuning chooses)."""
-    recipe = _recipe(optimizer)
-    return [] if recipe is None else list(recipe.hydra.sweeper.params)
+    return list(recipe_grid(optimizer))
 
 
 def recipe_grid(optimizer: str) -> dict[str, list]:
@@ -50,6 +49,11 @@ def recipe_grid(optimizer: str) -> dict[str, list]:
     recipe = _recipe(optimizer)
     return {} if recipe is None else {key: [_typed(str(v)) for v in str(values).split(",")]
                                       for key, values in recipe.hydra.sweeper.params.items()}
+
+
+def grid_name(optimizer: str, task: str, h, k, partition: str) -> str:
+    """"fedavg on mnist1d_mlp H=4 K=8" (and the clients when not i.i.d.): how messages name one grid."""
+    return f"{optimizer} on {task} H={h} K={k}" + ("" if partition == "iid" else f" over clients {partition}")
 
 
 def grid_size(optimizer: str) -> int:

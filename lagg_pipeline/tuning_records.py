@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lagg_pipeline.tuning import _typed, grid_size, missing_points, recipe_grid, tuned_root
+from lagg_pipeline.tuning import _typed, grid_name, grid_size, missing_points, recipe_grid, tuned_root
 
 
 def _entries(root: Path | None):
@@ -68,10 +68,9 @@ def grid_progress(client, experiment: str = "tuning") -> list[str]:
         if missing:
             grid = recipe_grid(optimizer)
             shown = "; ".join(", ".join(f"{key}={value}" for key, value in zip(grid, p)) for p in missing[:3])
-            where = "" if partition == "iid" else f" over clients {partition}"
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             total = grid_size(optimizer)
-            lines.append(f"- {optimizer} on {task} H={h} K={k}{where}: {total - len(missing)} of {total} "
+            lines.append(f"- {grid_name(optimizer, task, h, k, partition)}: {total - len(missing)} of {total} "
                          f"points finished; missing {shown}{more}")
     return lines
 

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from lagg_pipeline.tuning import (CRITERION, DIVERGED_SEEDS, MOMENTA, _recipe, _typed, entry_name, grid_keys,
-                                  grid_size, missing_points, selection_score)
+                                  grid_name, grid_size, missing_points, selection_score)
 
 
 def score_of(client, run, num_rounds: int) -> float:
@@ -92,10 +92,9 @@ def select(client, experiment_name: str, out_root: Path) -> Selection:
         rounds, seeds, _ = budget(next(iter(points.values())))
         missing = missing_points(optimizer, set(points), rounds, seeds)
         if missing:  # a choice from part of a grid would look as final as one from all of it
-            where = "" if partition == "iid" else f" over clients {partition}"
             total = grid_size(optimizer)
-            unfinished.append(f"{optimizer} on {task} H={h} K={k}{where}: {total - len(missing)} of {total} grid "
-                              f"points finished, not chosen until the rest are")
+            unfinished.append(f"{grid_name(optimizer, task, h, k, partition)}: {total - len(missing)} of {total} "
+                              f"grid points finished, not chosen until the rest are")
             continue
         path = out_root / task / f"{optimizer}.yaml"
         name = entry_name(h, k, partition)
