@@ -58,6 +58,8 @@ STEPS_SCRIPT = textwrap.dedent("""
     from test_pes import DATA, linear_task, tiny_cfg
 
     trainer = MetaTrainer(tiny_cfg(optimizer="lagg_a"), linear_task(), DATA, LearnedAggregator("lagg_a", 2, 8))
+    if {background}:  # the job's way: compiled from init's shapes, placed as the step leaves them
+        trainer.compile_in_background()
     state = trainer.init()
     for _ in range(3):
         state, metrics = trainer.step(state)
@@ -68,14 +70,16 @@ STEPS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_the_outer_step_compiles_once_over_several_devices():
+@pytest.mark.parametrize("background", [False, True])
+def test_the_outer_step_compiles_once_over_several_devices(background):
     """A fresh state sits on one device and the step leaves it over the particle devices: unless
-    the state goes in where the step leaves it, jit compiles the step twice, once per placement."""
+    the state goes in where the step leaves it, jit compiles the step twice, once per placement.
+    Compiled in the background from init's shapes, the first step finds that same executable."""
     import os
 
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}
-    result = subprocess.run([sys.executable, "-c", STEPS_SCRIPT], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", STEPS_SCRIPT.format(background=background)], capture_output=True, text=True,
                             env={**os.environ, **env}, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 

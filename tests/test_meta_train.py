@@ -231,3 +231,31 @@ def test_a_family_stops_when_one_task_fully_diverged_and_names_it(tmp_path):
                                                    "outer step 7 .the family's other tasks did not"):
         _check_health(dict(metrics), 7, CheckpointManager(tmp_path))
     _check_health({**metrics, "diverged_fraction/mnist1d_mlp_small": 0.75}, 7, CheckpointManager(tmp_path))
+
+
+@pytest.mark.parametrize("meta_init", ["random", "averaging"])
+def test_a_step_compiled_in_the_background_is_the_step_compiled_in_place(meta_init):
+    """The background compile works from init's shapes; the first step then finds the executable
+    (one compile, no second) and every step's result is bitwise the in-place one's."""
+    cfg = tiny_cfg(optimizer="lagg_a", trunc_length=4, meta_init=meta_init)
+    background, in_place = make_trainer(cfg), make_trainer(cfg)
+    background.compile_in_background()
+    states = [background.init(), in_place.init()]
+    for _ in range(3):
+        (states[0], m0), (states[1], m1) = background.step(states[0]), in_place.step(states[1])
+    for a, b in zip(jax.tree.leaves((states[0], m0)), jax.tree.leaves((states[1], m1))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert background.jitted_step._cache_size() == 1
+
+
+def test_an_error_in_the_background_compile_is_raised_by_the_first_step():
+    trainer = make_trainer(tiny_cfg(optimizer="lagg_a"))
+
+    class Unlowerable:
+        def lower(self, *_):
+            raise RuntimeError("out of memory while compiling")
+
+    trainer._jitted = lambda state: Unlowerable()
+    trainer.compile_in_background()
+    with pytest.raises(RuntimeError, match="out of memory while compiling"):
+        trainer.step(trainer.init())

@@ -123,6 +123,8 @@ def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path
 
     manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
     trainer = MetaTrainer(cfg, *meta_problem(cfg, splits, task), aggregator)
+    # The step's compile (seconds) runs while the init, a restore and MLflow's run are set up.
+    trainer.compile_in_background()
     state, run = None, None
     if cfg.resume and manager.latest_step() is not None:
         try:

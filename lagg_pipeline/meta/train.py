@@ -9,6 +9,7 @@ import contextlib
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -87,6 +88,7 @@ class MetaTrainer:
         self.pes = make_estimator(cfg, task, aggregator,
                                   lambda members: particle_sharding(particle_devices(cfg.pes_devices, members)))
         self._placement, self.jitted_step = None, None
+        self._compiling: Future | None = None
 
     def step(self, state: MetaTrainState):
         """One outer step (jitted; the data go in as arguments).
@@ -94,8 +96,25 @@ class MetaTrainer:
         The state goes in where the step leaves it (:meth:`state_shardings`): a fresh or restored
         state sits on one device, the step's outputs over the particle devices, and jit compiles
         anew for every new placement of its inputs, so the first two steps each compiled."""
+        if self._compiling is not None:  # the same executable: a second compile must not start beside it
+            compiling, self._compiling = self._compiling, None
+            compiling.result()
         jitted, state = self._placed(state)
         return jitted(state, self.data)
+
+    def compile_in_background(self) -> None:
+        """Start compiling the outer step in a thread, from the shapes :meth:`init` gives, so that
+        the compile (XLA's, with the GIL released) overlaps what a job does before its first step:
+        the init, a restore, MLflow's run. :meth:`step` waits for it and finds the executable in
+        jit's cache (no second trace or compile); an error in the compile is raised there."""
+        shapes = self.abstract_state()
+        jitted = self._jitted(shapes)
+        if self._placement is not None:
+            shapes = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                                  shapes, self._placement)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-outer-step")
+        self._compiling = pool.submit(lambda: jitted.lower(shapes, self.data).compile())
+        pool.shutdown(wait=False)  # the thread ends with the compile
 
     def compile(self, state: MetaTrainState) -> float:
         """Compile the outer step for ``state`` without running it (into XLA's persistent cache
@@ -107,11 +126,16 @@ class MetaTrainer:
 
     def _placed(self, state: MetaTrainState):
         """(the jitted step, ``state`` where the step keeps it), the step built on first use."""
+        jitted = self._jitted(state)
+        return jitted, state if self._placement is None else jax.device_put(state, self._placement)
+
+    def _jitted(self, state):
+        """The jitted step, built on first use for ``state``'s layout (arrays or their shapes)."""
         if self.jitted_step is None:
             self._placement = self.state_shardings(state)
             self.jitted_step = (jax.jit(self._step) if self._placement is None else
                                 jax.jit(self._step, out_shardings=(self._placement, self._placement.outer_step)))
-        return self.jitted_step, state if self._placement is None else jax.device_put(state, self._placement)
+        return self.jitted_step
 
     def state_shardings(self, state: MetaTrainState) -> MetaTrainState | None:
         """Where the outer step keeps ``state``: each PES's members over its particle devices and
@@ -142,6 +166,17 @@ class MetaTrainer:
         pes, opt_state = jax.jit(lambda m, k, d: (self.pes.init(m, k, d), self.optimizer.init(m)))(
             meta_params, k_pes, self.data)
         return MetaTrainState(meta_params, opt_state, pes, k_next, jnp.int32(0))
+
+    def abstract_state(self) -> MetaTrainState:
+        """:meth:`init`'s shapes and dtypes, computed without running it (``meta_init=averaging``
+        rewires values, not shapes)."""
+        def shapes(key):
+            k_meta, k_pes, k_next = jax.random.split(key, 3)
+            meta_params = self.aggregator.init_meta_params(k_meta)
+            return MetaTrainState(meta_params, self.optimizer.init(meta_params),
+                                  self.pes.init(meta_params, k_pes, self.data), k_next, jnp.int32(0))
+
+        return jax.eval_shape(shapes, jax.random.PRNGKey(self.cfg.seed))
 
     def _step(self, state: MetaTrainState, data: PESData):
         key, k_est = jax.random.split(state.key)
