@@ -14,7 +14,7 @@ def warm_job(cfg, splits, task) -> float:
     from lagg_pipeline.meta.train import MetaTrainer
 
     trainer = MetaTrainer(cfg, *meta_problem(cfg, splits, task), learned_aggregator(cfg))
-    seconds = trainer.compile(trainer.init())
+    seconds = trainer.compile()  # from init's shapes: nothing is computed
     print(f"warm: compiled the {cfg.optimizer.name} meta-training step on {cfg.task.name} (K={cfg.num_grads}, "
           f"H={cfg.num_local_steps}) in {seconds:.1f} s into {jax.config.jax_compilation_cache_dir}; a job with "
           f"these settings loads it instead")

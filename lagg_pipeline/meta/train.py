@@ -107,22 +107,27 @@ class MetaTrainer:
         the compile (XLA's, with the GIL released) overlaps what a job does before its first step:
         the init, a restore, MLflow's run. :meth:`step` waits for it and finds the executable in
         jit's cache (no second trace or compile); an error in the compile is raised there."""
+        jitted, shapes = self._jitted_for_shapes()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-outer-step")
+        self._compiling = pool.submit(lambda: jitted.lower(shapes, self.data).compile())
+        pool.shutdown(wait=False)  # the thread ends with the compile
+
+    def compile(self) -> float:
+        """Compile the outer step from init's shapes without running anything (into XLA's
+        persistent cache when one is enabled, where a later job's step finds it); the seconds it took."""
+        start = time.perf_counter()
+        jitted, shapes = self._jitted_for_shapes()
+        jitted.lower(shapes, self.data).compile()
+        return time.perf_counter() - start
+
+    def _jitted_for_shapes(self):
+        """(the jitted step, :meth:`abstract_state` placed where the step keeps the state)."""
         shapes = self.abstract_state()
         jitted = self._jitted(shapes)
         if self._placement is not None:
             shapes = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
                                   shapes, self._placement)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-outer-step")
-        self._compiling = pool.submit(lambda: jitted.lower(shapes, self.data).compile())
-        pool.shutdown(wait=False)  # the thread ends with the compile
-
-    def compile(self, state: MetaTrainState) -> float:
-        """Compile the outer step for ``state`` without running it (into XLA's persistent cache
-        when one is enabled, where a later process's :meth:`step` finds it); the seconds it took."""
-        start = time.perf_counter()
-        jitted, placed = self._placed(state)
-        jitted.lower(placed, self.data).compile()
-        return time.perf_counter() - start
+        return jitted, shapes
 
     def _placed(self, state: MetaTrainState):
         """(the jitted step, ``state`` where the step keeps it), the step built on first use."""
