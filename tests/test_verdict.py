@@ -506,3 +506,14 @@ def test_a_criterion_missed_at_the_last_evaluation_says_so():
     assert headline.since(check, np.array([100, 150, 200, 250])) == "at 2 of 4, not at the last"
     assert headline.since(check._replace(ok=np.array([False, True, True, True])), np.array([100, 150, 200, 250])) \
         == "from round 150 on"
+
+
+def test_an_accuracy_equal_to_the_target_but_for_float_rounding_reaches_it():
+    """The archive keeps float32 curves: a seed mean equal to the final one, summed from other
+    seeds' fractions, can read 1e-8 lower. That tie reaches the target, whichever file was read."""
+    target = 0.9294
+    fedavg = [0.5, 0.8, target - 3e-8, target - 2e-8, target, target, target]  # rounds 0, 50, ..., 300
+    log_run(curves("fedavg", accuracy=fedavg))
+    log_run(curves("lagg_a@x", train=0.5, accuracy=[0.5, 0.9, 0.95, 0.95, 0.95, 0.95, 0.95]), params={"pretrained": "x"})
+    targets = judged().test.targets["accuracy"]
+    assert targets.owner == "fedavg" and targets.reached == {"lagg_a@x": 100, "fedavg": 100}
