@@ -85,6 +85,24 @@ def test_a_measured_namesake_that_relabels_an_archived_row_replaces_it():
                                                "fedavg"] and kept == {KEY: ["fedavg"]}
 
 
+def test_an_archived_baseline_is_tuned_only_at_the_values_the_tuned_files_record_now():
+    """A grid run later replaces a tuned value: the row archived at the old value (stored as tuned)
+    is then an untuned baseline, like a measured row at that value; a row at today's value is tuned,
+    with the horizon it was chosen at."""
+    from lagg_pipeline import tuning
+
+    entry = tuning.lookup(KEY.task, "fedavg", KEY.H, KEY.K)
+    gamma = entry["values"]["local_learning_rate"]
+    at = lambda value, stored: row("fedavg", "fedavg", 0.3)._replace(
+        settings=f"local_learning_rate={value}", tuned=stored, tuned_rounds=300 if stored else None)
+    groups, _ = archive.merge({KEY: [at(gamma * 3, True), at(gamma, False)._replace(method="fedavg (today)")]}, {})
+    stale, today = groups[KEY][0], groups[KEY][1]
+    assert stale.method == "fedavg" and (stale.tuned, stale.tuned_rounds) == (False, None)
+    assert (today.tuned, today.tuned_rounds) == (True, entry["rounds"])
+    learned = row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x")
+    assert archive.merge({KEY: [learned]}, {})[0][KEY] == [learned]
+
+
 def test_an_unreadable_archive_file_is_one_line(tmp_path):
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="results archive file .*broken.npz is unreadable"):

@@ -22,6 +22,7 @@ import numpy as np
 from lagg_pipeline.errors import UserError
 from lagg_pipeline.report.collect import collect, method_order, open_experiment
 from lagg_pipeline.report.curves import Curves, GroupKey
+from lagg_pipeline.report.identity import same_value
 
 ARRAYS = ("train_loss", "eval_rounds", "test_loss", "test_accuracy", "outer_valid_loss", "outer_valid_accuracy")
 FIELDS = ("method", "optimizer", "settings", "tuned", "shipped", "run_seconds", "tuned_rounds")  # the last two: newer files
@@ -81,17 +82,31 @@ def load(folder: Path) -> dict[GroupKey, list[Curves]]:
     return dict(load_group(path) for path in sorted(folder.glob("*.npz")))
 
 
+def tuned_now(key: GroupKey, row: Curves) -> Curves:
+    """An archived baseline row, tuned or not by the values conf/tuned_hparams/ records now (as a
+    measured row is judged): a row archived at values a later grid replaced is no tuned baseline."""
+    from lagg_pipeline import tuning
+
+    if row.learned:
+        return row
+    entry = tuning.lookup(key.task, row.optimizer, key.H, key.K, None, key.partition)
+    values = dict(part.split("=", 1) for part in row.settings.split(", ") if "=" in part)
+    tuned = entry is not None and all(same_value(values.get(k.split(".")[-1]), v) for k, v in entry["values"].items())
+    return row._replace(tuned=tuned, tuned_rounds=entry.get("rounds") if tuned else None)
+
+
 def merge(archived: dict[GroupKey, list[Curves]], measured: dict[GroupKey, list[Curves]]):
     """(groups, labels of the archived rows kept per group): a measured row replaces the archived ones
     of its label or of its identity (optimizer, settings, meta-parameters: a label names what differs
     from the other rows of its group, so a new namesake relabels the same method); everything else
-    archived is kept."""
+    archived is kept, its baselines judged tuned or not by today's tuned files."""
     groups, kept = {}, {}
     identity = lambda row: (row.optimizer, row.settings, row.shipped)
     for key in sorted(set(archived) | set(measured)):
         new = measured.get(key, [])
         labels, identities = {row.method for row in new}, {identity(row) for row in new}
-        old = [row for row in archived.get(key, []) if row.method not in labels and identity(row) not in identities]
+        old = [tuned_now(key, row) for row in archived.get(key, [])
+               if row.method not in labels and identity(row) not in identities]
         if old:
             kept[key] = [row.method for row in old]
         groups[key] = sorted(old + new, key=method_order)

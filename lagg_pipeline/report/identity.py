@@ -57,10 +57,10 @@ def tuned_entry(run) -> dict | None:
     root = Path(params["tuned_dir"]) if params.get("tuned_dir") not in (None, "None") else None
     entry = tuning.lookup(tags["task"], tags["optimizer"], int(tags["H"]), int(tags["K"]), root,
                           tags.get("partition", "iid"))
-    return entry if entry is not None and all(_same(params.get(k), v) for k, v in entry["values"].items()) else None
+    return entry if entry is not None and all(same_value(params.get(k), v) for k, v in entry["values"].items()) else None
 
 
-def _same(logged: str | None, value) -> bool:
+def same_value(logged: str | None, value) -> bool:
     try:
         return logged is not None and float(logged) == float(value)
     except ValueError:
