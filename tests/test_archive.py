@@ -61,6 +61,19 @@ def test_the_wall_time_line_sums_what_was_recorded_and_says_what_was_not():
     assert "Wall time of its runs: 30 min (1 of 3 not recorded)." in section
 
 
+def test_the_cost_table_ends_with_the_sum_over_groups_of_what_was_recorded():
+    from lagg_pipeline.report import judge, page
+
+    other = KEY._replace(H=8)
+    judged = judge.judge_groups({KEY: [row("lagg_a@x", "lagg_a", 0.1, seconds=600.0), row("fedavg", "fedavg", 0.3, seconds=1200.0)],
+                                 other: [row("lagg_a@x", "lagg_a", 0.1, seconds=1800.0), row("fedavg", "fedavg", 0.3)]})
+    lines = page.cost_table(judged)
+    grids = page.tuning_minutes(KEY) + page.tuning_minutes(other)
+    assert len(lines) == 2 + 3 and lines[-1].startswith("| **all groups** |  |")
+    assert lines[-1].endswith(f"| {page._minutes(grids)} | 60 min (1 of 4 not recorded) |")
+    assert len(page.cost_table(judged[:1])) == 2 + 1  # one group: no sum line
+
+
 def test_measured_rows_replace_archived_ones_and_the_rest_is_kept(tmp_path):
     old = {KEY: [row("fedavg", "fedavg", 0.9), row("slowmo", "slowmo", 0.9)], SKEWED: [row("fedavg", "fedavg", 0.9)]}
     archive.save(tmp_path, old)

@@ -77,9 +77,17 @@ def tuning_minutes(key: GroupKey) -> list[float | None]:
 def cost_table(judged: list[Judged]) -> list[str]:
     """What regenerating each group took on the machine that measured it: the baselines' grids
     (summed ``grid_minutes`` of the tuned files) and the group's benchmark runs (summed run times)."""
-    rows = [[j.key.title, f"{len(tuned)} tuned" if (tuned := tuning_minutes(j.key)) else "none tuned",
-             _minutes(tuned) if tuned else "—", _minutes([s.curves.run_seconds for s in j.test.rows])]
-            for j in judged if j.key.partition == "iid"]
+    rows, all_grids, all_runs = [], [], []
+    for j in judged:
+        if j.key.partition != "iid":
+            continue
+        tuned, runs = tuning_minutes(j.key), [s.curves.run_seconds for s in j.test.rows]
+        all_grids += tuned
+        all_runs += runs
+        rows.append([j.key.title, f"{len(tuned)} tuned" if tuned else "none tuned",
+                     _minutes(tuned) if tuned else "—", _minutes(runs)])
+    if len(rows) > 1:  # what `make tune results` costs on one such machine, one job at a time
+        rows.append(["**all groups**", "", _minutes(all_grids) if all_grids else "—", _minutes(all_runs)])
     return table(["group", "baselines", "their grids (`make tune`)", "its runs (`make results`)"], rows)
 
 
