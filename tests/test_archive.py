@@ -74,6 +74,17 @@ def test_the_cost_table_ends_with_the_sum_over_groups_of_what_was_recorded():
     assert len(page.cost_table(judged[:1])) == 2 + 1  # one group: no sum line
 
 
+def test_a_group_over_clients_counts_only_the_grids_run_over_those_clients():
+    from lagg_pipeline import tuning
+    from lagg_pipeline.report import page
+    from lagg_pipeline.report.collect import BASELINE_ORDER
+
+    entries = [tuning.lookup(SKEWED.task, name, SKEWED.H, SKEWED.K, None, SKEWED.partition) for name in BASELINE_ORDER]
+    over_clients = [e for e in entries if e["partition"] == SKEWED.partition]  # the rest fall back to i.i.d.
+    assert len(over_clients) == 4  # `make tune-federated`: fedavg, fedavgm, fedadam, diloco
+    assert page.tuning_minutes(SKEWED) == [e["grid_minutes"] * 60 for e in over_clients]
+
+
 def test_measured_rows_replace_archived_ones_and_the_rest_is_kept(tmp_path):
     old = {KEY: [row("fedavg", "fedavg", 0.9), row("slowmo", "slowmo", 0.9)], SKEWED: [row("fedavg", "fedavg", 0.9)]}
     archive.save(tmp_path, old)

@@ -235,8 +235,9 @@ def test_report_pools_seeds_of_one_method_and_keeps_the_newest_rerun(tmp_path):
     assert text.count("No learned method ran in this group: nothing to judge.") == 1
     assert "### digits_mlp, K=8, H=4, B=128: 300 rounds, 2/4 seeds" in text
     assert "Wall time of its runs: 0 min." in text  # milliseconds here
-    # the shipped tuned files' grids beside this store's runs; i.i.d. groups only
-    assert re.search(r"\n\| digits_mlp, K=8, H=4, B=128 \| 8 tuned \| [^|]+ \| 0 min \|\n\n", text)
+    # the shipped tuned files' grids beside this store's runs; over clients only the grids run over them (none here)
+    assert re.search(r"\n\| digits_mlp, K=8, H=4, B=128 \| 8 tuned \| [^|]+ \| 0 min \|\n", text)
+    assert re.search(r"\n\| digits_mlp, K=8, H=4, B=128, clients: dirichlet\(alpha=0.1, M=64\) \| none tuned \| — \| 0 min \|\n", text)
     page.plot(judged, tmp_path)
     assert (tmp_path / f"digits_mlp_K8_H4_B128_R{R}.png").stat().st_size > 10_000
     assert (tmp_path / f"digits_mlp_K8_H4_B128_R{R}_dirichlet_alpha0.1_M64.png").is_file()

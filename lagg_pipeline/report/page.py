@@ -66,12 +66,14 @@ def _minutes(seconds: list[float | None]) -> str:
 
 
 def tuning_minutes(key: GroupKey) -> list[float | None]:
-    """Each baseline's grid wall time at the group's task, H and K (its tuned file's ``grid_minutes``)."""
+    """Each baseline's grid wall time at the group's task, H, K and clients (its tuned file's
+    ``grid_minutes``); over clients, only the grids run over them (not the i.i.d. fallback)."""
     from lagg_pipeline.report.collect import BASELINE_ORDER
     from lagg_pipeline.tuning import lookup
 
-    entries = [lookup(key.task, name, key.H, key.K) for name in BASELINE_ORDER]
-    return [e["grid_minutes"] * 60 if "grid_minutes" in e else None for e in entries if e is not None]
+    entries = [lookup(key.task, name, key.H, key.K, None, key.partition) for name in BASELINE_ORDER]
+    return [e["grid_minutes"] * 60 if "grid_minutes" in e else None
+            for e in entries if e is not None and e["partition"] == key.partition]
 
 
 def cost_table(judged: list[Judged]) -> list[str]:
@@ -79,8 +81,6 @@ def cost_table(judged: list[Judged]) -> list[str]:
     (summed ``grid_minutes`` of the tuned files) and the group's benchmark runs (summed run times)."""
     rows, all_grids, all_runs = [], [], []
     for j in judged:
-        if j.key.partition != "iid":
-            continue
         tuned, runs = tuning_minutes(j.key), [s.curves.run_seconds for s in j.test.rows]
         all_grids += tuned
         all_runs += runs
