@@ -116,3 +116,20 @@ def test_a_file_chosen_at_its_own_learning_rate_records_none():
     store()
     found = recommend.entries({key: judge.judge(c, "outer_valid") for key, c in collected().items()})
     assert "local_learning_rate" not in found[0]
+
+
+def test_clients_of_their_own_get_their_own_recommendation_and_others_fall_back_to_iid(monkeypatch, capsys):
+    store(a_valid=0.95, b_valid=0.80)  # over i.i.d. clients A ranks first on outer-valid
+    (iid,) = collected().items()
+    skewed = iid[0]._replace(partition="dirichlet(alpha=0.1, M=64)")
+    swap = {f"lagg_a@{A}": 0.80, f"lagg_a@{B}": 0.95}  # over the skewed clients B does
+    groups = {skewed: [c._replace(outer_valid_accuracy=np.full_like(c.outer_valid_accuracy, swap[c.method]))
+                       if c.method in swap else c for c in iid[1]], iid[0]: iid[1]}
+    found = recommend.entries({key: judge.judge(c, "outer_valid") for key, c in groups.items()})
+    assert [(e["name"], e.get("clients")) for e in found] == [(A, None), (B, skewed.partition)]  # i.i.d. first
+    monkeypatch.setattr(pretrained, "recommendations", lambda: found)
+    assert pretrained.recommended("lagg_a", "digits_mlp", 8, 4) == A
+    assert pretrained.recommended("lagg_a", "digits_mlp", 8, 4, skewed.partition) == B
+    assert pretrained.recommended("lagg_a", "digits_mlp", 8, 4, "shards(per_client=2, M=64)") == A  # no entry: i.i.d.
+    assert f"lagg_a pretrained={B}: use for: digits_mlp at K=8, H=4 over clients {skewed.partition} (" \
+        in pretrained.describe()

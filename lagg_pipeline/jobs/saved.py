@@ -92,10 +92,11 @@ def checked_server_update(aggregator, meta_params):
 
 def shipped_counterpart(cfg) -> str | None:
     """The shipped aggregator of this variant to show beside a fresh meta-training: the one
-    recommended for this task, K and H (pretrained/recommended.yaml), else one meta-trained
+    recommended for this task, K, H and clients (pretrained/recommended.yaml), else one meta-trained
     like this job (task, K, H, meta-loss split, clients, start), if there is one."""
     from lagg_pipeline import pretrained
 
-    return (pretrained.recommended(cfg.optimizer.name, cfg.task.name, cfg.num_grads, cfg.num_local_steps)
+    return (pretrained.recommended(cfg.optimizer.name, cfg.task.name, cfg.num_grads, cfg.num_local_steps,
+                                   partition_label(cfg.partition))
             or pretrained.matching(cfg.optimizer.name, cfg.task.name, cfg.num_grads, cfg.num_local_steps,
                                    cfg.meta_loss_split, partition_label(cfg.partition), cfg.meta_init))

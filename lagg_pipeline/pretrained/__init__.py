@@ -62,12 +62,15 @@ def recommendations() -> list[dict]:
     return yaml.safe_load(recommended_file().read_text()) or []
 
 
-def recommended(variant: str, task: str, num_grads: int, num_local_steps: int) -> str | None:
-    """The shipped ``variant`` recommended for this task, K and H, if any."""
-    for entry in recommendations():
-        if (entry["variant"], entry["num_grads"]) == (variant, num_grads) and task in entry["tasks"] \
-                and num_local_steps in entry["H"]:
-            return entry["name"]
+def recommended(variant: str, task: str, num_grads: int, num_local_steps: int, clients: str = "iid") -> str | None:
+    """The shipped ``variant`` recommended for this task, K and H over these clients (a partition
+    label), else over i.i.d. clients, if any."""
+    matches = [entry for entry in recommendations() if (entry["variant"], entry["num_grads"]) == (variant, num_grads)
+               and task in entry["tasks"] and num_local_steps in entry["H"]]
+    for over in dict.fromkeys([clients, "iid"]):
+        for entry in matches:
+            if entry.get("clients", "iid") == over:
+                return entry["name"]
     return None
 
 
@@ -87,8 +90,9 @@ def describe() -> str:
         meta = metadata(file)
         entries = use_for.get((variant, name))
         gamma = lambda e: f" with local_learning_rate={e['local_learning_rate']:g}" if "local_learning_rate" in e else ""
+        clients = lambda e: f" over clients {e['clients']}" if "clients" in e else ""
         advice = ("use for: " + "; ".join(f"{', '.join(e['tasks'])} at K={e['num_grads']}, H={'/'.join(map(str, e['H']))}"
-                                          f"{gamma(e)} ({e['why']})" for e in entries)
+                                          f"{clients(e)}{gamma(e)} ({e['why']})" for e in entries)
                   if entries else "no recommendation: kept for comparison")
         family = f" meta_tasks={','.join(meta['meta_tasks'])}" if meta.get("meta_tasks") else ""
         lines.append(f"{variant} pretrained={name}: {advice}\n"
