@@ -100,7 +100,8 @@ LAGG_A_FILES := mnist1d_large_k8_h4_mix,family_k8_h4,family_k8_h4_mix,family4_k8
 LOPT_A_FILES := family_k8_h4_mix,family4_k8_h4_mix
 # The paper-regime aggregator also at the larger local learning rates its baselines are tuned to (the
 # outer-valid verdict chooses among them; recommended.yaml records a γ other than the meta-trained 0.5).
-GAMMA_ROWS   := optimizer=lagg_a pretrained=mnist1d_large_k8_h4_mix local_learning_rate=1.0,2.0 task=mnist1d_large_mlp H=4,8
+GAMMA_FILE   := optimizer=lagg_a pretrained=mnist1d_large_k8_h4_mix local_learning_rate=1.0,2.0 task=mnist1d_large_mlp
+GAMMA_ROWS   := $(GAMMA_FILE) H=4,8
 COMMA := ,
 BASELINE_LIST := $(subst $(eval) ,$(COMMA),$(BASELINES))
 TASK_LIST := $(subst $(eval) ,$(COMMA),$(RESULT_TASKS))
@@ -117,7 +118,8 @@ results: install ## benchmark tuned baselines and shipped aggregators (i.i.d., t
 # at 10,000 over 64 clients with Dirichlet(0.1) and Dirichlet(1.0) label skew, 8 per round, H=4;
 # baselines tuned over those same clients.
 FED_BASELINES := fedavg fedavgm fedadam diloco
-FED_ARGS := task=mnist1d_large_mlp,mnist1d_mlp H=4 partition=dirichlet partition.num_clients=64 partition.alpha=0.1,1.0
+FED_CLIENTS := partition=dirichlet partition.num_clients=64 partition.alpha=0.1,1.0
+FED_ARGS := task=mnist1d_large_mlp,mnist1d_mlp H=4 $(FED_CLIENTS)
 tune-federated: install ## tune the heterogeneous-clients baselines over those same clients, then select
 	for opt in $(FED_BASELINES); do \
 		$(PY) -m lagg_pipeline --multirun hparams_search=$$opt $(FED_ARGS) || exit 1; done
@@ -128,8 +130,7 @@ results-federated: install ## the heterogeneous-clients comparison (MNIST-1D 70k
 		$(RESULTS_ARGS) skip_finished=true
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a pretrained=$(LAGG_A_FILES) $(FED_ARGS) $(SHIPPED_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a pretrained=$(LOPT_A_FILES) $(FED_ARGS) $(SHIPPED_ARGS)
-	$(PY) -m lagg_pipeline --multirun $(subst H=4$(COMMA)8,H=4,$(GAMMA_ROWS)) partition=dirichlet \
-		partition.num_clients=64 partition.alpha=0.1,1.0 $(SHIPPED_ARGS)
+	$(PY) -m lagg_pipeline --multirun $(GAMMA_FILE) H=4 $(FED_CLIENTS) $(SHIPPED_ARGS)
 	$(MAKE) recommend report
 
 report: install ## the comparison report of the "results" experiment: docs/results.md and the README's headline

@@ -118,7 +118,7 @@ def test_a_file_chosen_at_its_own_learning_rate_records_none():
     assert "local_learning_rate" not in found[0]
 
 
-def test_clients_of_their_own_get_their_own_recommendation_and_others_fall_back_to_iid(monkeypatch, capsys):
+def test_clients_of_their_own_get_their_own_recommendation_and_others_fall_back_to_iid(monkeypatch):
     store(a_valid=0.95, b_valid=0.80)  # over i.i.d. clients A ranks first on outer-valid
     (iid,) = collected().items()
     skewed = iid[0]._replace(partition="dirichlet(alpha=0.1, M=64)")
