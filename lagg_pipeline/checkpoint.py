@@ -162,9 +162,12 @@ def save_pytree(path, tree, metadata: dict | None = None) -> Path:
     return save_arrays(path, flatten(tree), metadata)
 
 
-def load_pytree(path, template) -> tuple[Any, dict]:
-    """Rebuild ``template``'s structure from the file, checking names, shapes and dtypes."""
+def load_pytree(path, template, under: str = "") -> tuple[Any, dict]:
+    """Rebuild ``template``'s structure from the file, checking names, shapes and dtypes;
+    ``under``: the part of the saved tree below that name (say ``meta_params`` of a checkpoint)."""
     arrays, metadata = load_arrays(path)
+    if under:
+        arrays = {name[len(under) + 1:]: a for name, a in arrays.items() if name.startswith(under + "/")}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     names = [_path_name(p) for p, _ in leaves]
     missing = [n for n in names if n not in arrays]

@@ -21,7 +21,7 @@ HAND_OPTIMIZERS = ("fedavg", "slowmo", "sgd", "adam", "fedavgm", "diloco", "feda
 LEARNED_OPTIMIZERS = ("lagg_a", "lopt_a", "lagg", "lopt")
 MODELS = ("mlp", "conv")
 META_LOSS_SPLITS = ("train", "outer_valid", "resplit")
-META_INITS = ("random", "averaging")
+META_INITS = ("random", "averaging", "saved")
 CONFIG_PACKAGE = "lagg_pipeline.conf"  # conf/, installed as a package
 SHORTHANDS = {"H": "num_local_steps", "k": "num_grads"}  # the H/ and k/ config groups set these keys
 
@@ -119,7 +119,8 @@ class Config:
     meta_loss_split: str = "train"  # outer_valid: a fixed held-out split; resplit: fresh per episode (SPEC 4)
     meta_loss_train_weight: float = 0.0  # w: a held-out meta-loss becomes w * train loss + (1 - w) * held-out
     meta_tasks: list[str] = field(default_factory=list)  # meta-train over these conf/task entries (a family)
-    meta_init: str = "random"  # SPEC 3.3's random network, or "averaging": start as normalised worker averaging
+    meta_init: str = "random"  # SPEC 3.3's random network; "averaging": as normalised worker averaging;
+    # "saved": from the aggregator named by pretrained= or checkpoint= (mode=meta_train continues it)
     meta_init_scale: float = 10.0  # meta_init=averaging: the first steps' size, in units of STEP_MULT per element
     num_outer_steps: int = 200
     pes_devices: Optional[int] = None  # devices the PES particles are spread over (None: all that fit)
@@ -209,7 +210,9 @@ def validate(cfg) -> None:
               "checkpoints_to_keep", "meta_init_scale")
     _require(cfg.trunc_length >= 2, f"trunc_length={cfg.trunc_length} is not allowed; it must be >= 2 (a "
              f"one-round truncation that resets has no unmasked step, so its PES estimate is undefined)")
-    _require(not cfg.resume or (cfg.mode in ("auto", "meta_train") and cfg.checkpoint is None and cfg.pretrained is None),
+    starts_saved = cfg.meta_init == "saved"  # pretrained= / checkpoint= is where a meta-training starts
+    _require(not cfg.resume or (cfg.mode in ("auto", "meta_train")
+                                and (starts_saved or (cfg.checkpoint is None and cfg.pretrained is None))),
              f"resume=true is not allowed with mode={cfg.mode}"
              f"{' and a saved aggregator' if cfg.checkpoint or cfg.pretrained else ''}; it continues a meta-training "
              f"(mode=auto or meta_train with a learned optimizer)")
@@ -234,14 +237,15 @@ def validate(cfg) -> None:
     _require(0 <= weight <= 1 and (weight == 0 or cfg.meta_loss_split != "train"),
              f"meta_loss_train_weight={weight} is not allowed with meta_loss_split={cfg.meta_loss_split}; it must be "
              f"in [0, 1] and mixes the training loss into a held-out meta-loss (outer_valid or resplit)")
-    trains = name in LEARNED_OPTIMIZERS and cfg.mode in ("auto", "meta_train", "warm") and not cfg.checkpoint
-    _require(cfg.meta_loss_split != "resplit" or cfg.partition.name == "iid" or not trains or cfg.pretrained,
+    trains = (name in LEARNED_OPTIMIZERS and cfg.mode in ("auto", "meta_train", "warm")
+              and (starts_saved or not (cfg.checkpoint or cfg.pretrained)))
+    _require(cfg.meta_loss_split != "resplit" or cfg.partition.name == "iid" or not trains,
              f"meta_loss_split=resplit is not allowed with partition={cfg.partition.name}; it re-divides the whole "
              f"pool per episode: meta-train over clients with meta_loss_split=train or outer_valid")
     _validate_family(cfg)
     _require(cfg.meta_init in META_INITS,
              f"meta_init={cfg.meta_init} is not allowed; choose one of: {', '.join(META_INITS)}")
-    _require(cfg.meta_init == "random" or cfg.hidden_size >= 2,
+    _require(cfg.meta_init != "averaging" or cfg.hidden_size >= 2,
              f"hidden_size={cfg.hidden_size} is not allowed with meta_init=averaging; it must be >= 2")
     _require(cfg.fedavg_local_learning_rate is None or cfg.fedavg_local_learning_rate > 0,
              f"fedavg_local_learning_rate={cfg.fedavg_local_learning_rate} is not allowed; it must be > 0 or null")

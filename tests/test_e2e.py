@@ -261,13 +261,15 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
         resplit = family or name.endswith("_resplit") or name.startswith("mnist1d_large")
         assert metadata["meta_loss_split"] == ("resplit" if resplit else "outer_valid" if "_ov" in name else "train")
         weights = {"_mix": 0.5, "_mix75": 0.75}
-        assert metadata.get("meta_loss_train_weight") == weights.get(name[name.rfind("_"):]), name
+        base = name.removesuffix("_cont")  # _cont: continues the shipped aggregator of its base name
+        assert metadata.get("meta_loss_train_weight") == weights.get(base[base.rfind("_"):]), name
+        assert metadata.get("started_from") == (base if base != name else None)
         assert metadata["outer_steps"] == 2 and metadata["meta_train_seconds"] > 0
         assert metadata["partition"] == ("dirichlet(alpha=0.1, M=64)" if "dirichlet" in name else "iid")
         # names carry _avg for an averaging start, except the resplit ones (all start so) and on
         # MNIST-1D, where all but the _ov ones start so
         averaging = "_avg" in name or resplit or (name.startswith("mnist1d") and not name.endswith("_ov"))
-        assert metadata["meta_init"] == ("averaging" if averaging else "random"), name
+        assert metadata["meta_init"] == ("saved" if base != name else "averaging" if averaging else "random"), name
 
 
 def test_benchmark_over_heterogeneous_clients_is_recorded_and_reported():

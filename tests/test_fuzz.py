@@ -77,6 +77,11 @@ CASES = [
     ["mode=meta_train", "optimizer=lagg_a", "checkpoint=k8.npz"],
     ["mode=meta_train", "optimizer=lagg_a", "pretrained=family_k8_h4_mix", "distributed.enabled=true"],
     ["mode=meta_train", "optimizer=fedavg"],
+    # meta_init=saved: without a file, outside mode=meta_train, a file of another K or none at all
+    ["mode=meta_train", "optimizer=lagg_a", "meta_init=saved"],
+    ["mode=benchmark", "optimizer=lagg_a", "meta_init=saved", "checkpoint=k8.npz"],
+    ["mode=meta_train", "optimizer=lagg_a", "meta_init=saved", "checkpoint=k16.npz"],
+    ["mode=meta_train", "optimizer=lagg_a", "meta_init=saved", "checkpoint=garbage.npz"],
     ["optimizer=fedavg", "mode=benchmark", "checkpoint=k8.npz"], ["optimizer=slowmo", "checkpoint=k8.npz"],
     ["optimizer=fedavg", "fedavg_local_learning_rate=0.3"],
     ["optimizer=lagg_a", "pretrained=family_k8_h4_mix", "with_fedavg=false", "fedavg_local_learning_rate=0.3"],

@@ -259,3 +259,58 @@ def test_an_error_in_the_background_compile_is_raised_by_the_first_step():
     trainer.compile_in_background()
     with pytest.raises(RuntimeError, match="out of memory while compiling"):
         trainer.step(trainer.init())
+
+
+def test_a_saved_start_is_where_meta_training_starts_and_a_misfit_is_one_line():
+    cfg = tiny_cfg(optimizer="lagg_a", meta_init="saved")
+    aggregator = LearnedAggregator("lagg_a", cfg.num_grads, cfg.hidden_size)
+    saved = jax.tree.map(np.asarray, aggregator.init_meta_params(jax.random.PRNGKey(7)))
+    trainer = MetaTrainer(cfg, linear_task(), DATA, aggregator, saved)
+    state = trainer.init()
+    for got, want in zip(jax.tree.leaves(state.meta_params), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(got, want)
+    fresh = make_trainer(tiny_cfg(optimizer="lagg_a")).init()
+    assert not all(map(np.array_equal, jax.tree.leaves(fresh.meta_params), jax.tree.leaves(saved)))
+    # Everything but the meta-parameters is a fresh run's: the particles' models and the key.
+    np.testing.assert_array_equal(state.key, fresh.key)
+    stepped, _ = trainer.step(state)  # and the outer step moves the saved values
+    moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(stepped.meta_params),
+                                                             jax.tree.leaves(saved))]
+    assert 0 < max(moved) <= 2 * cfg.schedule.peak_value  # one AdamW step of the constant rate
+
+    wider = LearnedAggregator("lagg_a", cfg.num_grads, 2 * cfg.hidden_size).init_meta_params(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=f"num_grads={cfg.num_grads} hidden_size={cfg.hidden_size}$"):
+        MetaTrainer(cfg, linear_task(), DATA, aggregator, wider)
+
+
+def test_a_saved_start_names_its_meta_training_by_the_file():
+    from lagg_pipeline.jobs.meta_train import meta_params_metadata, meta_run_name
+
+    task = {"task": {"name": "digits_mlp", "dataset": "digits"}}
+    cfg = tiny_cfg(optimizer="lagg_a", meta_init="saved", pretrained="family_k8_h4_mix", **task)
+    random = tiny_cfg(optimizer="lagg_a", **task)
+    assert meta_run_name(cfg, "aa") != meta_run_name(cfg, "bb")  # resume=true never mixes two starts
+    assert meta_run_name(cfg, "aa") != meta_run_name(random)
+    assert meta_params_metadata(cfg)["started_from"] == "family_k8_h4_mix"
+    assert "started_from" not in meta_params_metadata(random)
+
+
+def test_any_saved_step_of_a_meta_training_reads_as_its_meta_parameters(tmp_path):
+    from lagg_pipeline.config import ConfigError
+    from lagg_pipeline.jobs.meta_train import meta_params_metadata
+    from lagg_pipeline.jobs.saved import read_saved
+
+    cfg = tiny_cfg(optimizer="lagg_a", num_outer_steps=4, save_iter=2, task={"name": "digits_mlp",
+                                                                              "dataset": "digits"})
+    manager = CheckpointManager(tmp_path)
+    final, _ = run_meta_training(make_trainer(cfg), manager, NullRun(), metadata=meta_params_metadata(cfg),
+                                 progress=False)
+    at_2, _ = manager.restore(make_trainer(cfg).init(), step=2)
+    for step, state in ((2, at_2), (4, final)):
+        meta_params, metadata = read_saved(manager.path(step), "lagg_a", ConfigError)
+        assert metadata["outer_steps"] == step and metadata["num_grads"] == cfg.num_grads
+        for got, want in zip(jax.tree.leaves(meta_params), jax.tree.leaves(state.meta_params)):
+            np.testing.assert_array_equal(got, np.asarray(want))
+    assert not all(map(np.array_equal, jax.tree.leaves(at_2.meta_params), jax.tree.leaves(final.meta_params)))
+    with pytest.raises(ConfigError, match="holds lagg_a meta-parameters, not optimizer=lopt_a"):
+        read_saved(manager.path(2), "lopt_a", ConfigError)

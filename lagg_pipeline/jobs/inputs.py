@@ -21,8 +21,13 @@ def refuse_unused_keys(cfg) -> None:
     if cfg.mode == "meta_train":
         _require(learned, f"mode=meta_train needs a learned optimizer ({', '.join(LEARNED_OPTIMIZERS)}); "
                           f"optimizer={name} is hand-designed")
-        _require(saved is None, f"{saved}={saved and cfg[saved]} is not used by mode=meta_train, which trains "
-                                f"new meta-parameters; drop it, or benchmark that aggregator with mode=benchmark")
+        _require(saved is None or cfg.meta_init == "saved",
+                 f"{saved}={saved and cfg[saved]} is not used by mode=meta_train with meta_init={cfg.meta_init}; "
+                 f"meta_init=saved continues meta-training from it, mode=benchmark benchmarks it")
+    _require(cfg.meta_init != "saved" or (cfg.mode == "meta_train" and saved is not None),
+             f"meta_init=saved is not allowed with mode={cfg.mode}"
+             f"{'' if saved else ' and neither pretrained= nor checkpoint='}; it starts mode=meta_train from the "
+             f"aggregator named by pretrained=<name> or checkpoint=<meta_params.npz>")
     _require(learned or cfg.checkpoint is None,
              f"checkpoint={cfg.checkpoint} is not used by optimizer={name}, a hand-designed optimizer without "
              f"meta-parameters; checkpoint= is for {', '.join(LEARNED_OPTIMIZERS)}")
@@ -89,7 +94,8 @@ def check_inputs(cfg, given: set[str]) -> None:
         location = str(pretrained.path(name, cfg.pretrained))
     if name in LEARNED_OPTIMIZERS and location and "://" not in location and not location.startswith("runs:/"):
         meta_params, metadata = read_saved(location, name, ConfigError)
-        adopted, _ = adopted_settings(cfg, metadata, given)
+        # A benchmark runs with the settings it was meta-trained with; meta_init=saved trains it with these.
+        adopted = cfg if cfg.meta_init == "saved" else adopted_settings(cfg, metadata, given)[0]
         from lagg_pipeline.aggregators.learned import LearnedAggregator
 
         try:

@@ -19,8 +19,9 @@ META_KEYS = ("num_grads", "num_local_steps", "local_batch_size", "local_learning
              "num_outer_steps", "weight_decay", "seed", "meta_loss_split")
 
 
-def meta_run_name(cfg) -> str:
-    """Names a meta-training run by what determines it, so resume=true finds it again."""
+def meta_run_name(cfg, start_sha256: str | None = None) -> str:
+    """Names a meta-training run by what determines it (with ``meta_init=saved``, the digest of
+    the file it starts from), so resume=true finds it again."""
     import hashlib
 
     what = {k: cfg[k] for k in META_KEYS}
@@ -30,8 +31,10 @@ def meta_run_name(cfg) -> str:
     # meta-trainings keep their names (and resume=true finds them).
     if cfg.partition.name != "iid":
         what.update(partition=OmegaConf.to_container(cfg.partition))
-    if cfg.meta_init != "random":
+    if cfg.meta_init == "averaging":
         what.update(meta_init=cfg.meta_init, meta_init_scale=cfg.meta_init_scale)
+    elif cfg.meta_init == "saved":
+        what.update(meta_init=cfg.meta_init, start=start_sha256)
     if cfg.meta_tasks:
         what.update(meta_tasks=list(cfg.meta_tasks))
     if cfg.meta_loss_train_weight:
@@ -45,6 +48,7 @@ def meta_params_metadata(cfg, **extra) -> dict:
             "num_local_steps": cfg.num_local_steps, "local_learning_rate": cfg.local_learning_rate,
             "local_batch_size": cfg.local_batch_size, "meta_loss_split": cfg.meta_loss_split,
             "task": cfg.task.name, "partition": partition_label(cfg.partition), "meta_init": cfg.meta_init,
+            **({"started_from": cfg.pretrained or cfg.checkpoint} if cfg.meta_init == "saved" else {}),
             **({"meta_tasks": list(cfg.meta_tasks)} if cfg.meta_tasks else {}),
             **({"meta_loss_train_weight": cfg.meta_loss_train_weight} if cfg.meta_loss_train_weight else {}), **extra}
 
@@ -70,27 +74,41 @@ def meta_train(cfg, splits, task, aggregator):
     from lagg_pipeline.meta.devices import is_leader
     from lagg_pipeline.meta.family import meta_problem
 
-    name = meta_run_name(cfg)
+    start, digest = None, None
+    if cfg.meta_init == "saved":
+        from lagg_pipeline.jobs.saved import load_meta_params
+
+        start, _, digest = load_meta_params(cfg)
+    name = meta_run_name(cfg, digest)
     directory = Path(cfg.checkpoint_dir or "outputs/checkpoints") / name
     if not is_leader():
-        return _follow_meta_training(cfg, *meta_problem(cfg, splits, task), aggregator, directory)
+        return _follow_meta_training(cfg, *meta_problem(cfg, splits, task), aggregator, directory, start)
     with tracking.exclusive(directory.parent / f".{name}.lock"):
         sweep = sweep_dir()
         reused = _reuse_from_sweep(cfg, splits, directory, sweep) if sweep and not cfg.resume else None
         if reused is not None:
             return reused
-        return _meta_train_locked(cfg, splits, task, aggregator, name, directory, sweep)
+        return _meta_train_locked(cfg, splits, task, aggregator, name, directory, sweep, start)
 
 
-def _follow_meta_training(cfg, task, data, aggregator, directory: Path):
+def _trainer(cfg, task, data, aggregator, start):
+    from lagg_pipeline.meta.train import MetaTrainer
+
+    try:
+        return MetaTrainer(cfg, task, data, aggregator, start)
+    except ValueError as err:  # a saved start laid out for another K or width
+        raise UserError(f"meta_init=saved: {cfg.pretrained or cfg.checkpoint}: {err}") from None
+
+
+def _follow_meta_training(cfg, task, data, aggregator, directory: Path, start):
     """A process other than 0 of a multi-process meta-training: the same steps on its share of
     the particles. It reads the checkpoint a resume starts from (``checkpoint_dir`` must be on a
     file system every process sees) and writes nothing: process 0 records and saves."""
     from lagg_pipeline.checkpoint import CheckpointManager
-    from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
+    from lagg_pipeline.meta.train import run_meta_training
 
     manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
-    trainer = MetaTrainer(cfg, task, data, aggregator)
+    trainer = _trainer(cfg, task, data, aggregator, start)
     resume = cfg.resume and manager.latest_step() is not None
     state = manager.restore_newest_valid(trainer.init())[0] if resume else None
     state, _ = run_meta_training(trainer, manager, tracking.NullRun(), metadata={}, state=state, progress=False)
@@ -113,16 +131,16 @@ def _reuse_from_sweep(cfg, splits, directory: Path, sweep: str):
     return jax_tree(meta_params), run
 
 
-def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path, sweep: str | None):
+def _meta_train_locked(cfg, splits, task, aggregator, name: str, directory: Path, sweep: str | None, start):
     import shutil
 
     from lagg_pipeline.checkpoint import CheckpointError, CheckpointManager, save_params
     from lagg_pipeline.meta.family import meta_problem
-    from lagg_pipeline.meta.train import MetaTrainer, run_meta_training
+    from lagg_pipeline.meta.train import run_meta_training
     from lagg_pipeline.report.plots import plot_meta_loss
 
     manager = CheckpointManager(directory, keep=cfg.checkpoints_to_keep)
-    trainer = MetaTrainer(cfg, *meta_problem(cfg, splits, task), aggregator)
+    trainer = _trainer(cfg, *meta_problem(cfg, splits, task), aggregator, start)
     # The step's compile (seconds) runs while the init, a restore and MLflow's run are set up.
     trainer.compile_in_background()
     state, run = None, None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import jax
+
 from lagg_pipeline import tracking
 from lagg_pipeline.config import ConfigError
 from lagg_pipeline.data.partition import partition_label
@@ -43,10 +45,27 @@ def read_saved(location, variant: str, error: type[Exception]):
     try:
         meta_params, metadata = load_params(location)
     except CheckpointError as err:
-        raise error(f"checkpoint={location}: {err}") from None
+        meta_params, metadata = _from_meta_training_checkpoint(location, err, error)
     if metadata.get("variant") not in (None, variant):
         raise error(f"checkpoint={location} holds {metadata['variant']} meta-parameters, not optimizer={variant}")
     return meta_params, metadata
+
+
+def _from_meta_training_checkpoint(location, not_exported: Exception, error: type[Exception]):
+    """(meta_params, metadata) of a meta-training checkpoint (``ckpt_XXXXXXXX.npz``), so that any
+    saved step can be benchmarked; ``error`` with ``not_exported`` when the file is not one."""
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+    from lagg_pipeline.checkpoint import CheckpointError, load_arrays, load_pytree
+
+    try:
+        arrays, metadata = load_arrays(location)
+        template = LearnedAggregator(metadata["variant"], metadata["num_grads"], metadata["hidden_size"])
+        meta_params, _ = load_pytree(location, template.init_meta_params(jax.random.PRNGKey(0)), under="meta_params")
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        raise error(f"checkpoint={location}: {not_exported}") from None
+    outer_steps = int(arrays["outer_step"]) if "outer_step" in arrays else None
+    metadata = {k: v for k, v in metadata.items() if k != "config"}
+    return meta_params, {**metadata, "outer_steps": outer_steps}
 
 
 TRAINED_WITH = ("num_grads", "num_local_steps", "local_learning_rate", "local_batch_size", "hidden_size")

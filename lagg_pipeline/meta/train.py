@@ -78,11 +78,13 @@ class MetaTrainer:
     ``data`` holds the training split and, with ``meta_loss_split=outer_valid``, the split the
     meta-loss is measured on; it enters the jitted step as an argument. For a task family
     (``meta_tasks``), ``task`` is a list and ``data`` a tuple, one entry per task
-    (:func:`lagg_pipeline.meta.family.meta_problem` builds both).
+    (:func:`lagg_pipeline.meta.family.meta_problem` builds both). ``start``: the meta-parameters
+    ``meta_init=saved`` starts from (a saved aggregator's, of the aggregator's own shapes).
     """
 
-    def __init__(self, cfg, task, data: PESData | tuple[PESData, ...], aggregator):
+    def __init__(self, cfg, task, data: PESData | tuple[PESData, ...], aggregator, start=None):
         self.cfg, self.aggregator, self.data = cfg, aggregator, data
+        self.start = None if start is None else self._checked_start(start)
         self.schedule = meta_learning_rate(cfg.schedule, cfg.num_outer_steps)
         self.optimizer = optax.adamw(self.schedule, weight_decay=cfg.weight_decay)
         self.pes = make_estimator(cfg, task, aggregator,
@@ -165,12 +167,23 @@ class MetaTrainer:
         # Jitted, bitwise equal to running it op by op, where each op of the fresh particles' init
         # compiled on its own: 8.4 s of CPU before the first step (digits, 2-core machine), 4.8 jitted.
         k_meta, k_pes, k_next = jax.random.split(jax.random.PRNGKey(self.cfg.seed), 3)
-        meta_params = jax.jit(self.aggregator.init_meta_params)(k_meta)
+        meta_params = jax.jit(self.aggregator.init_meta_params)(k_meta) if self.start is None else self.start
         if self.cfg.meta_init == "averaging":
             meta_params = self.aggregator.averaging_meta_params(meta_params, self.cfg.meta_init_scale)
         pes, opt_state = jax.jit(lambda m, k, d: (self.pes.init(m, k, d), self.optimizer.init(m)))(
             meta_params, k_pes, self.data)
         return MetaTrainState(meta_params, opt_state, pes, k_next, jnp.int32(0))
+
+    def _checked_start(self, start):
+        """``start`` as arrays of the fresh meta-parameters' structure, shapes and dtypes; ValueError
+        (one line) when it is laid out for another K or width."""
+        fresh = jax.eval_shape(self.aggregator.init_meta_params, jax.random.PRNGKey(0))
+        start = jax.tree.map(jnp.asarray, start)
+        if jax.tree.structure(start) != jax.tree.structure(fresh) or any(
+                a.shape != b.shape for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(fresh))):
+            raise ValueError(f"the saved meta-parameters are not laid out for {self.aggregator.variant} with "
+                             f"num_grads={self.cfg.num_grads} hidden_size={self.cfg.hidden_size}")
+        return jax.tree.map(lambda a, b: a.astype(b.dtype), start, fresh)
 
     def abstract_state(self) -> MetaTrainState:
         """:meth:`init`'s shapes and dtypes, computed without running it (``meta_init=averaging``
