@@ -96,7 +96,7 @@ RESULTS_DATA := docs/results/data
 RESULTS_ARGS := tracking.experiment=results num_runs=5 num_rounds=1000 eval_every=50 progress=false
 SHIPPED_ARGS := $(RESULTS_ARGS) with_fedavg=false skip_finished=true
 RESULT_TASKS := mnist1d_large_mlp mnist1d_large_mlp_deep digits_mlp mnist1d_mlp mnist5k_mlp mnist1d_mlp_deep
-LAGG_A_FILES := mnist1d_large_k8_h4_mix,family_k8_h4,family_k8_h4_mix,family4_k8_h4_mix75
+LAGG_A_FILES := mnist1d_large_k8_h4_mix,mnist1d_large_k8_h4_mix_cont,family_k8_h4,family_k8_h4_mix,family4_k8_h4_mix75
 LOPT_A_FILES := family_k8_h4_mix,family4_k8_h4_mix
 # The paper-regime aggregator also at the larger local learning rates its baselines are tuned to (the
 # outer-valid verdict chooses among them; recommended.yaml records a γ other than the meta-trained 0.5).

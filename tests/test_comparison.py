@@ -315,6 +315,9 @@ def test_shipped_table_lists_every_shipped_aggregator_with_its_settings():
     (row,) = [r for r in rows if "| lagg_a | `family_k8_h4_mix`" in r]
     assert "| digits_mlp | 8 | 4 | 0.5 | iid | resplit + 0.5·train | averaging | 1200 |" in row
     assert "`python -m lagg_pipeline experiment=pretrain_family_k8_h4_mix optimizer=lagg_a" in row
+    (row,) = [r for r in rows if "| lagg_a | `mnist1d_large_k8_h4_mix_cont`" in r]  # continues a shipped file
+    assert "| 1.0 | iid | resplit + 0.5·train | `mnist1d_large_k8_h4_mix` | 300 | 33 min after " \
+           "`mnist1d_large_k8_h4_mix`'s |" in row
 
 
 def test_the_shipped_counterpart_is_the_recommended_one_else_one_trained_alike():

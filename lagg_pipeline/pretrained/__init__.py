@@ -99,7 +99,8 @@ def describe() -> str:
                      f"    trained: task={meta.get('task')}{family} K={meta.get('num_grads')} "
                      f"H={meta.get('num_local_steps')} meta-loss={meta_loss_label(meta)} "
                      f"partition={meta.get('partition', 'iid')} meta_init={meta.get('meta_init', 'random')} "
-                     f"outer_steps={meta.get('outer_steps')}"
+                     + (f"(from {meta['started_from']}, then) " if meta.get("started_from") else "")
+                     + f"outer_steps={meta.get('outer_steps')}"
                      + (f" on {meta['meta_train_device']}" if meta.get("meta_train_device") else "")
                      + (f"\n    chosen by: {meta['chosen_by']}" if meta.get("chosen_by") else "")
                      + f"\n    re-create: {meta.get('command', '?')}")

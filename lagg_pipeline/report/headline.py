@@ -123,8 +123,11 @@ def shipped_table() -> str:
         seconds = m.get("meta_train_seconds")
         minutes = f"{seconds / 60:.0f} min" if seconds else "?"
         minutes += " on one H200 GPU" if "H200" in str(m.get("meta_train_device", "")) else ""
+        start = m.get("meta_init", "random")
+        if m.get("started_from"):  # meta_init=saved: its steps and time come after those of the file it continues
+            start, minutes = f"`{m['started_from']}`", f"{minutes} after `{m['started_from']}`'s"
         lines.append(f"| {variant} | `{name}` | {m.get('task')} | {m.get('num_grads')} | {m.get('num_local_steps')} | "
                      f"{m.get('local_learning_rate')} | {m.get('partition', 'iid')} | {pretrained.meta_loss_label(m)} | "
-                     f"{m.get('meta_init', 'random')} | {m.get('outer_steps')} | "
+                     f"{start} | {m.get('outer_steps')} | "
                      f"{minutes} | `{m.get('command', '?')}` |")
     return "\n".join(lines)
