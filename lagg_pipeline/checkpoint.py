@@ -162,10 +162,15 @@ def save_pytree(path, tree, metadata: dict | None = None) -> Path:
     return save_arrays(path, flatten(tree), metadata)
 
 
-def load_pytree(path, template, under: str = "") -> tuple[Any, dict]:
-    """Rebuild ``template``'s structure from the file, checking names, shapes and dtypes;
-    ``under``: the part of the saved tree below that name (say ``meta_params`` of a checkpoint)."""
+def load_pytree(path, template) -> tuple[Any, dict]:
+    """Rebuild ``template``'s structure from the file, checking names, shapes and dtypes."""
     arrays, metadata = load_arrays(path)
+    return rebuild(arrays, template, path), metadata
+
+
+def rebuild(arrays: dict[str, np.ndarray], template, path, under: str = "") -> Any:
+    """``template``'s structure from :func:`load_arrays`' arrays of ``path``, checking names, shapes
+    and dtypes; ``under``: the part of the saved tree below that name (a checkpoint's ``meta_params``)."""
     if under:
         arrays = {name[len(under) + 1:]: a for name, a in arrays.items() if name.startswith(under + "/")}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -184,7 +189,7 @@ def load_pytree(path, template, under: str = "") -> tuple[Any, dict]:
             raise CheckpointError(f"{path}: {name!r} is {got.dtype}{list(got.shape)}, "
                                   f"expected {want.dtype}{list(want.shape)}")
         restored.append(got)
-    return jax.tree_util.tree_unflatten(treedef, restored), metadata
+    return jax.tree_util.tree_unflatten(treedef, restored)
 
 
 def save_params(path, params: dict, metadata: dict | None = None) -> Path:

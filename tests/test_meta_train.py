@@ -279,7 +279,7 @@ def test_a_saved_start_is_where_meta_training_starts_and_a_misfit_is_one_line():
     assert 0 < max(moved) <= 2 * cfg.schedule.peak_value  # one AdamW step of the constant rate
 
     wider = LearnedAggregator("lagg_a", cfg.num_grads, 2 * cfg.hidden_size).init_meta_params(jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match=f"num_grads={cfg.num_grads} hidden_size={cfg.hidden_size}$"):
+    with pytest.raises(ValueError, match=f"hidden size {2 * cfg.hidden_size} .* hidden_size={cfg.hidden_size}$"):
         MetaTrainer(cfg, linear_task(), DATA, aggregator, wider)
 
 

@@ -55,12 +55,12 @@ def _from_meta_training_checkpoint(location, not_exported: Exception, error: typ
     """(meta_params, metadata) of a meta-training checkpoint (``ckpt_XXXXXXXX.npz``), so that any
     saved step can be benchmarked; ``error`` with ``not_exported`` when the file is not one."""
     from lagg_pipeline.aggregators.learned import LearnedAggregator
-    from lagg_pipeline.checkpoint import CheckpointError, load_arrays, load_pytree
+    from lagg_pipeline.checkpoint import CheckpointError, load_arrays, rebuild
 
     try:
         arrays, metadata = load_arrays(location)
         template = LearnedAggregator(metadata["variant"], metadata["num_grads"], metadata["hidden_size"])
-        meta_params, _ = load_pytree(location, template.init_meta_params(jax.random.PRNGKey(0)), under="meta_params")
+        meta_params = rebuild(arrays, template.init_meta_params(jax.random.PRNGKey(0)), location, under="meta_params")
     except (CheckpointError, KeyError, TypeError, ValueError):
         raise error(f"checkpoint={location}: {not_exported}") from None
     outer_steps = int(arrays["outer_step"]) if "outer_step" in arrays else None

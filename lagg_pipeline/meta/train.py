@@ -175,15 +175,11 @@ class MetaTrainer:
         return MetaTrainState(meta_params, opt_state, pes, k_next, jnp.int32(0))
 
     def _checked_start(self, start):
-        """``start`` as arrays of the fresh meta-parameters' structure, shapes and dtypes; ValueError
-        (one line) when it is laid out for another K or width."""
+        """``start`` as arrays of the fresh meta-parameters' dtypes; ValueError (one line) when it is
+        laid out for another variant, K or width."""
+        self.aggregator.check_compatible(start)
         fresh = jax.eval_shape(self.aggregator.init_meta_params, jax.random.PRNGKey(0))
-        start = jax.tree.map(jnp.asarray, start)
-        if jax.tree.structure(start) != jax.tree.structure(fresh) or any(
-                a.shape != b.shape for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(fresh))):
-            raise ValueError(f"the saved meta-parameters are not laid out for {self.aggregator.variant} with "
-                             f"num_grads={self.cfg.num_grads} hidden_size={self.cfg.hidden_size}")
-        return jax.tree.map(lambda a, b: a.astype(b.dtype), start, fresh)
+        return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), start, fresh)
 
     def abstract_state(self) -> MetaTrainState:
         """:meth:`init`'s shapes and dtypes, computed without running it (``meta_init=averaging``
