@@ -180,8 +180,8 @@ def _validate_family(cfg) -> None:
     _require(len(set(cfg.meta_tasks)) == count, f"meta_tasks={list(cfg.meta_tasks)} names a task twice")
     _require(cfg.num_tasks % count == 0, f"num_tasks={cfg.num_tasks} is not allowed with {count} meta_tasks; it "
              f"must be a multiple of {count} (each task gets num_tasks / {count} particle pairs)")
-    _require(cfg.pes_devices is None or 2 * cfg.num_tasks // count % cfg.pes_devices == 0,
-             f"pes_devices={cfg.pes_devices} is not allowed: it must divide each of the {count} meta_tasks' particles")
+    _require(cfg.pes_devices is None or cfg.num_tasks // count % cfg.pes_devices == 0,
+             f"pes_devices={cfg.pes_devices} is not allowed: it must divide each of the {count} meta_tasks' particle pairs")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -228,7 +228,7 @@ def validate(cfg) -> None:
         from lagg_pipeline.meta.devices import particle_devices
 
         try:
-            particle_devices(cfg.pes_devices, 2 * cfg.num_tasks)
+            particle_devices(cfg.pes_devices, cfg.num_tasks)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     _require(cfg.meta_loss_split in META_LOSS_SPLITS,

@@ -2,6 +2,7 @@
 
 Each case runs in a fresh interpreter, since XLA's host device count is fixed at start-up.
 """
+import re
 import subprocess
 import sys
 import textwrap
@@ -49,6 +50,54 @@ def test_sharded_pes_equals_single_device(devices, tmp_path):
     result = subprocess.run([sys.executable, "-c", SCRIPT.format(devices=devices)], capture_output=True,
                             text=True, env={**os.environ, **env}, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+LOOP_SCRIPT = textwrap.dedent("""
+    import jax
+    from lagg_pipeline.aggregators.learned import LearnedAggregator
+    from lagg_pipeline.meta.devices import particle_sharding
+    from lagg_pipeline.meta.pes import PES
+    from test_pes import DATA, linear_task
+
+    aggregator = LearnedAggregator("lagg_a", num_grads=2, hidden_size=8)
+    theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
+    pes = PES(linear_task(), aggregator, num_tasks=4, trunc_length=6, pes_std=0.01, min_length=3, max_length=8,
+              num_grads=2, num_local_steps=2, local_batch_size=8, local_learning_rate=0.3,
+              particle_sharding=particle_sharding(2))
+    state = pes.init(theta, jax.random.PRNGKey(1), DATA)
+    print(jax.jit(pes.estimate).lower(theta, state, jax.random.PRNGKey(2), DATA).compile().as_text())
+""")
+COLLECTIVE = re.compile(r" (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
+
+
+def computations_run_by_loops(hlo: str) -> dict[str, str]:
+    """{name: text} of every computation a while loop of the compiled module runs, nested ones
+    (fusions, branches, inner loops) included."""
+    computations = dict(re.findall(r"^(?:ENTRY )?%([\w.-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+    todo, seen = re.findall(r"body=%([\w.-]+)", hlo), {}
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in computations:
+            seen[name] = computations[name]
+            todo += [ref for ref in re.findall(r"%([\w.-]+)", seen[name]) if ref in computations]
+    return seen
+
+
+def test_no_collective_inside_the_scan_of_rounds():
+    """Each device runs its block of members on its own: the compiled loop over rounds holds no
+    collective (per-round collectives cost time, and on a CPU XLA aborted twice in them), while
+    the estimate's reductions across the devices remain outside it."""
+    import os
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}
+    result = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loops = computations_run_by_loops(result.stdout)
+    assert len(loops) > 5, sorted(loops)  # the scan of rounds, its fusions and the reset branch
+    assert not [name for name, text in loops.items() if COLLECTIVE.search(text)]
+    assert COLLECTIVE.search(result.stdout)
 
 
 STEPS_SCRIPT = textwrap.dedent("""

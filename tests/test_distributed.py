@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
     theta = aggregator.init_meta_params(jax.random.PRNGKey(0))
     pes = PES(linear_task(), aggregator, num_tasks=4, trunc_length=6, pes_std=0.01, min_length=3, max_length=8,
               num_grads=2, num_local_steps=2, local_batch_size=8, local_learning_rate=0.3,
-              particle_sharding=particle_sharding(particle_devices(None, 8)))
+              particle_sharding=particle_sharding(particle_devices(None, 4)))
     state = pes.init(theta, jax.random.PRNGKey(1), DATA)
     estimate = jax.jit(pes.estimate)
     for k in range(2):  # two truncations, with resets (episodes of 3..8 rounds)

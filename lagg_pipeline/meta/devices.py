@@ -2,8 +2,9 @@
 with ``distributed.enabled=true``, those of every process that joined JAX's distributed runtime.
 
 The 2N antithetic members of a truncation are independent until the estimate averages
-them, so their leading axis is split over a one-dimensional ``particles`` mesh; XLA's SPMD
-partitioner runs each device's share and inserts the reductions the estimate needs. Across
+them, so their leading axis is split over a one-dimensional ``particles`` mesh, each device
+running whole pairs (``PES.unroll``); XLA's SPMD partitioner inserts the reductions the
+estimate needs. Across
 processes every one runs the same program on the same (seeded) inputs; process 0 alone
 writes checkpoints, exports and MLflow records.
 """
@@ -41,22 +42,23 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def particle_devices(requested: int | None, num_members: int) -> int:
+def particle_devices(requested: int | None, num_pairs: int) -> int:
     """How many devices carry the particles: ``requested``, or (None) the most devices that
-    divide ``num_members`` evenly. Several processes always use all devices of all of them."""
+    divide the ``num_pairs`` antithetic pairs evenly (each device runs whole pairs). Several
+    processes always use all devices of all of them."""
     available = jax.device_count()
     if jax.process_count() > 1:
-        if (requested not in (None, available)) or num_members % available:
+        if (requested not in (None, available)) or num_pairs % available:
             raise ValueError(f"pes_devices={requested} is not allowed with {jax.process_count()} processes; it must "
                              f"be null or {available} (every device of every process), and {available} must divide "
-                             f"the 2*num_tasks={num_members} particles")
+                             f"the num_tasks={num_pairs} particle pairs")
         return available
     if requested is not None:
-        if not 1 <= requested <= available or num_members % requested:
+        if not 1 <= requested <= available or num_pairs % requested:
             raise ValueError(f"pes_devices={requested} is not allowed; it must be between 1 and the {available} "
-                             f"local devices and divide the 2*num_tasks={num_members} particles")
+                             f"local devices and divide the num_tasks={num_pairs} particle pairs")
         return requested
-    return max(d for d in range(1, available + 1) if num_members % d == 0)
+    return max(d for d in range(1, available + 1) if num_pairs % d == 0)
 
 
 def particle_sharding(num_devices: int) -> NamedSharding | None:

@@ -91,7 +91,7 @@ class FamilyPES:
 
 def make_estimator(cfg, task, aggregator, sharding_for):
     """:class:`PES` for one task, :class:`FamilyPES` for a list of tasks (particles divided
-    evenly). ``sharding_for(members)`` gives the particle sharding of a PES with that many members."""
+    evenly). ``sharding_for(pairs)`` gives the particle sharding of a PES with that many pairs."""
     def pes(member_task, num_pairs):
         return PES(member_task, aggregator, num_tasks=num_pairs, trunc_length=cfg.trunc_length,
                    pes_std=cfg.pes_std, min_length=cfg.truncation_schedule_min_length,
@@ -99,7 +99,7 @@ def make_estimator(cfg, task, aggregator, sharding_for):
                    num_local_steps=cfg.num_local_steps, local_batch_size=cfg.local_batch_size,
                    local_learning_rate=cfg.local_learning_rate, meta_loss_split=cfg.meta_loss_split,
                    meta_loss_train_weight=cfg.meta_loss_train_weight,
-                   particle_sharding=sharding_for(2 * num_pairs))
+                   particle_sharding=sharding_for(num_pairs))
 
     if not isinstance(task, list):  # a Task is itself a (named) tuple
         return pes(task, cfg.num_tasks)

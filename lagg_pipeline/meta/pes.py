@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from lagg_pipeline.config import META_LOSS_SPLITS
 from lagg_pipeline.data import Split, episode_split, sample_batch
@@ -174,65 +174,80 @@ class PES:
         accumulator = jax.tree.map(lambda p: jnp.zeros((self.num_tasks, *p.shape), p.dtype), meta_params)
         return PESState(_stack_pair(fresh), episode, accumulator, k_next)
 
-    def _shard(self, tree_2N):
-        """Pin the member axis of every leaf to the particle devices (no-op on one device)."""
-        if self.particle_sharding is None:
-            return tree_2N
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.particle_sharding), tree_2N)
-
-    def _replicate(self, tree):
-        """Every leaf on every particle device (no-op on one device)."""
-        if self.particle_sharding is None:
-            return tree
-        everywhere = NamedSharding(self.particle_sharding.mesh, PartitionSpec())
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, everywhere), tree)
-
-    def _next_counter(self, counter_N, trained, data: PESData):
-        """The pairs' stream positions after this round: computed where they are kept, except over
-        clients, whose counters only the round's own draw advances."""
+    def _next_counter(self, counter_S, trained, data: PESData):
+        """The streams' positions after this round: computed where they are kept, except over
+        clients, whose counters only the round's own draw advances (read from the first member
+        reading each stream)."""
         if isinstance(data.train, ClientSplit):
-            return jax.tree.map(lambda x: x[:self.num_tasks], trained.data_counter)
-        return next_counter(counter_N, self.round_size, stream_size(data.train))
+            return jax.tree.map(lambda c, x: x[:c.shape[0]], counter_S, trained.data_counter)
+        return next_counter(counter_S, self.round_size, stream_size(data.train))
 
     def unroll(self, meta_params_2N, state: PESState, data: PESData) -> tuple[PESState, Truncation]:
         """T rounds of all 2N members; finished episodes are reset in place.
 
-        Both members of a pair read the same data stream, so each pair's indices are drawn once,
-        from a copy of the pairs' streams carried beside the members (on every device: no
-        member-sharded loop, such as the sampler's cycle-walk, then waits on the other devices)."""
-        meta_params_2N = self._shard(meta_params_2N)
+        Over several devices each one runs its block of members on its own (``jax.shard_map``
+        over the member axis, where the state already lies): nothing crosses devices inside the
+        scan of rounds. Per-round collectives cost time, and on a CPU they could deadlock the
+        thread pool its devices share."""
         n = self.num_tasks
+        if self.particle_sharding is None:
+            state, out = self._unroll_block(meta_params_2N, state, data)
+        else:
+            members, everywhere = PartitionSpec("particles"), PartitionSpec()
+            per_member = PartitionSpec(None, "particles")
+            unrolled, out = jax.shard_map(  # the accumulator stays out: only the estimate reads it
+                functools.partial(self._unroll_block, data=data, axis="particles"), mesh=self.particle_sharding.mesh,
+                in_specs=(members, PESState(members, everywhere, everywhere, everywhere)),
+                out_specs=(PESState(members, everywhere, everywhere, everywhere), Truncation(*(per_member,) * 4)))(
+                meta_params_2N, state._replace(accumulator=()))
+            state = unrolled._replace(accumulator=state.accumulator)
+        # mask and finished per pair: the + members' columns
+        return state, out._replace(mask=out.mask[:, :n], finished=out.finished[:, :n])
 
-        def reset(trained, streams, is_reset_N, k_reset):
-            fresh_N = jax.vmap(self._fresh, in_axes=(0, 0, None))(
-                jax.tree.map(lambda x: x[:n], meta_params_2N), jax.random.split(k_reset, n), data.train)
-            fresh_streams = Streams(fresh_N.data_key, fresh_N.data_counter, self._episode_valid(fresh_N.data_key, data))
-            return (_where(jnp.concatenate([is_reset_N, is_reset_N]), _stack_pair(fresh_N), trained),
-                    _where(is_reset_N, fresh_streams, streams))
+    def _unroll_block(self, meta_params_B, state: PESState, data: PESData, axis: str | None = None):
+        """:meth:`unroll` of a block of B consecutive members: all 2N (``axis`` None), or inside
+        ``shard_map`` over ``axis`` this device's B = 2N/D. The state's episodes and key are the
+        [N] ones of every pair on every device; the Truncation's columns are the block's members.
+
+        Both members of a pair read the same data stream: the block carries one stream per pair
+        it holds (N of them for all 2N members, and B <= N distinct pairs on a device), drawn once
+        per round for the members that read it."""
+        n = self.num_tasks
+        block = jax.tree.leaves(state.rounds)[0].shape[0]
+        num_streams = min(block, n)
+        copies = block // num_streams  # 2: the whole [+pairs, -pairs]; 1: distinct pairs
+        if axis is None:
+            mine = lambda x_N: x_N
+        else:  # this block's pairs: members dB .. dB + B - 1 read pairs (dB + j) mod N
+            first = jax.lax.axis_index(axis) * block % n
+            mine = lambda x_N: jax.lax.dynamic_slice_in_dim(jnp.concatenate([x_N, x_N]), first, num_streams)
+        tile = lambda tree: jax.tree.map(lambda x: jnp.concatenate([x] * copies), tree)
+
+        def reset(trained, streams, is_reset_S, k_reset):
+            fresh_S = jax.vmap(self._fresh, in_axes=(0, 0, None))(
+                jax.tree.map(lambda x: x[:num_streams], meta_params_B), mine(jax.random.split(k_reset, n)), data.train)
+            fresh_streams = Streams(fresh_S.data_key, fresh_S.data_counter, self._episode_valid(fresh_S.data_key, data))
+            return _where(tile(is_reset_S), tile(fresh_S), trained), _where(is_reset_S, fresh_streams, streams)
 
         def body(carry, _):
             rounds, streams, episode, key = carry
             key, k_reset, k_length = jax.random.split(key, 3)
             episode, is_reset_N = advance(episode, k_length, self.min_length, self.max_length)
-            # computed whole on every device: split over them, the cycle-walk's loop would wait on all of them
-            draws_N = self._replicate(jax.vmap(self._draws, in_axes=(0, 0, None, 0))(
-                *self._replicate((streams.key, streams.counter)), data, streams.valid))
-            trained, loss_2N = jax.vmap(self._round, in_axes=(0, 0, None, 0))(meta_params_2N, rounds, data,
-                                                                                 _stack_pair(draws_N))
+            is_reset_S = mine(is_reset_N)
+            draws_S = jax.vmap(self._draws, in_axes=(0, 0, None, 0))(streams.key, streams.counter, data, streams.valid)
+            trained, loss_B = jax.vmap(self._round, in_axes=(0, 0, None, 0))(meta_params_B, rounds, data, tile(draws_S))
             streams = streams._replace(counter=self._next_counter(streams.counter, trained, data))
             # Most rounds reset no particle: skip building fresh ones then (a real branch in a scan).
-            rounds, streams = jax.lax.cond(jnp.any(is_reset_N), reset, lambda t, s, *_: (t, s), trained, streams,
-                                           is_reset_N, k_reset)
-            loss_2N = normalize_meta_loss(loss_2N, self.task.num_classes)
-            return (self._shard(rounds), self._replicate(streams), episode, key), (loss_2N, 1.0 - is_reset_N, is_reset_N,
-                                                                  trained.server_state.mean_abs_step)
+            rounds, streams = jax.lax.cond(jnp.any(is_reset_S), reset, lambda t, s, *_: (t, s), trained, streams,
+                                           is_reset_S, k_reset)
+            loss_B = normalize_meta_loss(loss_B, self.task.num_classes)
+            return (rounds, streams, episode, key), (loss_B, tile(1.0 - is_reset_S), tile(is_reset_S),
+                                                     trained.server_state.mean_abs_step)
 
-        rounds = self._shard(state.rounds)
-        first = jax.tree.map(lambda x: x[:n], rounds)
-        streams = self._replicate(Streams(first.data_key, first.data_counter,
-                                          self._episode_valid(first.data_key, data)))
+        readers = jax.tree.map(lambda x: x[:num_streams], state.rounds)
+        streams = Streams(readers.data_key, readers.data_counter, self._episode_valid(readers.data_key, data))
         (rounds, _, episode, key), (loss, mask, is_reset, step_size) = jax.lax.scan(
-            body, (rounds, streams, state.episode, state.key), None, length=self.trunc_length)
+            body, (state.rounds, streams, state.episode, state.key), None, length=self.trunc_length)
         finished = jnp.cumsum(is_reset, axis=0) > 0
         return state._replace(rounds=rounds, episode=episode, key=key), Truncation(loss, mask, finished, step_size)
 

@@ -88,7 +88,7 @@ class MetaTrainer:
         self.schedule = meta_learning_rate(cfg.schedule, cfg.num_outer_steps)
         self.optimizer = optax.adamw(self.schedule, weight_decay=cfg.weight_decay)
         self.pes = make_estimator(cfg, task, aggregator,
-                                  lambda members: particle_sharding(particle_devices(cfg.pes_devices, members)))
+                                  lambda pairs: particle_sharding(particle_devices(cfg.pes_devices, pairs)))
         self._placement, self.jitted_step = None, None
         self._compiling: Future | None = None
 
