@@ -109,6 +109,19 @@ def test_a_measured_namesake_that_relabels_an_archived_row_replaces_it():
                                                "fedavg"] and kept == {KEY: ["fedavg"]}
 
 
+def test_a_measured_row_that_shares_an_archived_label_but_not_its_identity_stands_beside_it():
+    """One shipped aggregator measured at a second step size in a later store is labelled there
+    without one (it has no namesake in that store): it must not replace the archived row at the
+    first step size, and the two rows are told apart by what differs."""
+    shipped = lambda gamma: row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x")._replace(
+        settings=f"local_learning_rate={gamma}, meta-params: shipped x")
+    stale_fedavg = row("fedavg", "fedavg", 0.3)._replace(settings="local_learning_rate=9.0")
+    groups, kept = archive.merge({KEY: [shipped(1.0), stale_fedavg]}, {KEY: [shipped(2.0), row("fedavg", "fedavg", 0.2)]})
+    assert [r.method for r in groups[KEY]] == ["lagg_a@x (local_learning_rate=1.0)", "lagg_a@x (local_learning_rate=2.0)",
+                                               "fedavg"] and kept == {KEY: ["lagg_a@x"]}
+    assert groups[KEY][2].settings == "local_learning_rate=0.5"  # a re-measured baseline replaces its namesake
+
+
 def test_an_archived_baseline_is_tuned_only_at_the_values_the_tuned_files_record_now():
     """A grid run later replaces a tuned value: the row archived at the old value (stored as tuned)
     is then an untuned baseline, like a measured row at that value; a row at today's value is tuned,

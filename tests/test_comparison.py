@@ -336,3 +336,16 @@ def test_the_shipped_counterpart_is_the_recommended_one_else_one_trained_alike()
             for h in entry["H"]:
                 assert pretrained.recommended(entry["variant"], task, entry["num_grads"], h) is not None
     assert pretrained.recommended("lagg_a", "digits_mlp", 16, 4) is None
+
+
+def test_a_group_with_no_baseline_is_reported_without_a_verdict():
+    """A learned method benchmarked alone (with_fedavg=false, no baseline run yet): its held-out
+    table at its own evaluations, and no verdict."""
+    R = 300
+    learned = np.stack([0.5 / np.sqrt(np.arange(1, R + 1, dtype=float))] * 2)
+    log_run("results", "lagg_a@digits_k8_h4", fake_result("lagg_a@digits_k8_h4", learned, np.full((2, 3), 0.6)),
+            optimizer="lagg_a", params={"local_learning_rate": 0.5, "pretrained": "digits_k8_h4"})
+    client, _ = tracking.client(tracking_cfg("results"))
+    text = page.markdown(judge.judge_groups(collect.collect(client, "results")))
+    assert "No baseline with a finite seed." in text and "nothing to judge against" in text
+    assert re.search(r"\n\| \*\*lagg_a@digits_k8_h4\*\* \| local_learning_rate=0.5, meta-params: shipped digits_k8_h4 \| 2 \| ", text)

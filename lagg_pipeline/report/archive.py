@@ -6,8 +6,8 @@ them beside the groups it measures itself.
 
 A group's file holds every row's per-seed curves (float32) and, as JSON, the group's settings
 and each row's identity; it is read back with ``allow_pickle=False``. Merging: a row measured in
-the store replaces the archived row of the same label or identity in its group; archived rows and groups the
-store lacks are kept. With no runs in the store yet (a fresh clone), the archive is judged alone.
+the store replaces the archived row of the same identity in its group (a baseline also its archived
+namesake); archived rows and groups the store lacks are kept. With no runs in the store yet (a fresh clone), the archive is judged alone.
 """
 from __future__ import annotations
 
@@ -97,20 +97,36 @@ def tuned_now(key: GroupKey, row: Curves) -> Curves:
 
 def merge(archived: dict[GroupKey, list[Curves]], measured: dict[GroupKey, list[Curves]]):
     """(groups, labels of the archived rows kept per group): a measured row replaces the archived ones
-    of its label or of its identity (optimizer, settings, meta-parameters: a label names what differs
-    from the other rows of its group, so a new namesake relabels the same method); everything else
-    archived is kept, its baselines judged tuned or not by today's tuned files."""
+    of its identity (optimizer, settings, meta-parameters), and a measured baseline its archived
+    namesake (a baseline run again at values tuned since); everything else archived is kept, its
+    baselines judged tuned or not by today's tuned files. A label names what differs from the other
+    rows of its group in the run's own store, so a kept row and a measured one of another identity
+    can share it (one shipped aggregator at a second step size): both are then relabelled apart."""
     groups, kept = {}, {}
     identity = lambda row: (row.optimizer, row.settings, row.shipped)
     for key in sorted(set(archived) | set(measured)):
         new = measured.get(key, [])
-        labels, identities = {row.method for row in new}, {identity(row) for row in new}
+        baselines, identities = {row.method for row in new if not row.learned}, {identity(row) for row in new}
         old = [tuned_now(key, row) for row in archived.get(key, [])
-               if row.method not in labels and identity(row) not in identities]
+               if identity(row) not in identities and (row.learned or row.method not in baselines)]
         if old:
             kept[key] = [row.method for row in old]
-        groups[key] = sorted(old + new, key=method_order)
+        groups[key] = sorted(_apart(old + new), key=method_order)
     return groups, kept
+
+
+def _apart(rows: list[Curves]) -> list[Curves]:
+    """Rows sharing a label get the parts of their settings that differ added to it."""
+    out = []
+    for row in rows:
+        namesakes = [other.settings.split(", ") for other in rows if other.method == row.method]
+        if len(namesakes) == 1:
+            out.append(row)
+            continue
+        common = set.intersection(*map(set, namesakes))
+        differs = ", ".join(part for part in row.settings.split(", ") if part not in common)
+        out.append(row._replace(method=f"{row.method} ({differs})"))
+    return out
 
 
 def gather(cfg, note) -> dict[GroupKey, list[Curves]]:

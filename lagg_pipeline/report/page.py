@@ -188,8 +188,10 @@ def scorecard(j: Judgement, chosen: str | None = None) -> list[str]:
 
 def held_out_table(j: Judgement) -> list[str]:
     """Test accuracy and loss at rounds 100, 250 and the last; train loss; outer-valid beside test."""
-    last = int(j.rounds[-1])
-    marks = sorted({int(j.rounds[np.argmax(j.rounds >= m)]) for m in TABLE_ROUNDS if (j.rounds >= m).any()} - {last})
+    # the evaluations the baselines share; with no baseline, every row's
+    rounds = j.rounds if len(j.rounds) else np.unique(np.concatenate([s.rounds for s in j.rows]))
+    last = int(rounds[-1])
+    marks = sorted({int(rounds[np.argmax(rounds >= m)]) for m in TABLE_ROUNDS if (rounds >= m).any()} - {last})
     marks.append(last)
     header = ["method", "settings", "seeds", *(f"test acc r{m}" for m in marks), *(f"test loss r{m}" for m in marks),
               f"train loss (last {TRAIN_TAIL} rounds)", f"outer-valid loss r{last} (the split it was chosen on)",
