@@ -101,7 +101,11 @@ LOPT_A_FILES := family_k8_h4_mix,family4_k8_h4_mix
 # The paper-regime aggregator also at the larger local learning rates its baselines are tuned to (the
 # outer-valid verdict chooses among them; recommended.yaml records a γ other than the meta-trained 0.5).
 GAMMA_FILE   := optimizer=lagg_a pretrained=mnist1d_large_k8_h4_mix local_learning_rate=1.0,2.0 task=mnist1d_large_mlp
-GAMMA_ROWS   := $(GAMMA_FILE) H=4,8
+# Its continuation (meta-trained at 1.0) also at 2.0.
+CONT_GAMMA   := optimizer=lagg_a pretrained=mnist1d_large_k8_h4_mix_cont local_learning_rate=2.0 task=mnist1d_large_mlp
+# That continuation continued at H=8: run in the paper-regime groups (mnist1d_large_mlp and its deeper
+# MLP, i.i.d. and over clients), the regime it was meta-trained in.
+H8_FILE      := optimizer=lagg_a pretrained=mnist1d_large_k8_h8_mix_cont
 COMMA := ,
 BASELINE_LIST := $(subst $(eval) ,$(COMMA),$(BASELINES))
 TASK_LIST := $(subst $(eval) ,$(COMMA),$(RESULT_TASKS))
@@ -111,7 +115,9 @@ results: install ## benchmark tuned baselines and shipped aggregators (i.i.d., t
 			|| exit 1; done
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a task=$(TASK_LIST) H=4,8 $(SHIPPED_ARGS) pretrained=$(LAGG_A_FILES)
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a task=$(TASK_LIST) H=4,8 $(SHIPPED_ARGS) pretrained=$(LOPT_A_FILES)
-	$(PY) -m lagg_pipeline --multirun $(GAMMA_ROWS) $(SHIPPED_ARGS)
+	for rows in '$(GAMMA_FILE)' '$(CONT_GAMMA)'; do \
+		$(PY) -m lagg_pipeline --multirun $$rows H=4,8 $(SHIPPED_ARGS) || exit 1; done
+	$(PY) -m lagg_pipeline --multirun $(H8_FILE) task=mnist1d_large_mlp,mnist1d_large_mlp_deep H=4,8 $(SHIPPED_ARGS)
 	$(MAKE) results-federated
 
 # Heterogeneous clients (docs/clients.md): MNIST-1D at 70,000 signals (the paper's data regime) and
@@ -130,7 +136,9 @@ results-federated: install ## the heterogeneous-clients comparison (MNIST-1D 70k
 		$(RESULTS_ARGS) skip_finished=true
 	$(PY) -m lagg_pipeline --multirun optimizer=lagg_a pretrained=$(LAGG_A_FILES) $(FED_ARGS) $(SHIPPED_ARGS)
 	$(PY) -m lagg_pipeline --multirun optimizer=lopt_a pretrained=$(LOPT_A_FILES) $(FED_ARGS) $(SHIPPED_ARGS)
-	$(PY) -m lagg_pipeline --multirun $(GAMMA_FILE) H=4 $(FED_CLIENTS) $(SHIPPED_ARGS)
+	for rows in '$(GAMMA_FILE)' '$(CONT_GAMMA)'; do \
+		$(PY) -m lagg_pipeline --multirun $$rows H=4 $(FED_CLIENTS) $(SHIPPED_ARGS) || exit 1; done
+	$(PY) -m lagg_pipeline --multirun $(H8_FILE) task=mnist1d_large_mlp H=4 $(FED_CLIENTS) $(SHIPPED_ARGS)
 	$(MAKE) recommend report
 
 report: install ## the comparison report of the "results" experiment: docs/results.md and the README's headline
