@@ -249,6 +249,13 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
         metadata = load_params(path)[1]
         exported[metadata["command"].split("experiment=")[1].split()[0]] = metadata
     assert sorted(exported) == sorted(recipes)
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    from lagg_pipeline import pretrained
+    from lagg_pipeline.config import CONFIG_PACKAGE
+
     for recipe, metadata in exported.items():
         name = recipe[len("pretrain_"):]
         assert metadata["task"] == ("mnist1d_large_mlp" if name.startswith("mnist1d_large") else
@@ -261,9 +268,11 @@ def test_every_pretrain_recipe_meta_trains_when_scaled_down():
         resplit = family or name.endswith("_resplit") or name.startswith("mnist1d_large")
         assert metadata["meta_loss_split"] == ("resplit" if resplit else "outer_valid" if "_ov" in name else "train")
         weights = {"_mix": 0.5, "_mix75": 0.75}
-        base = name.removesuffix("_cont")  # _cont: continues the shipped aggregator of its base name
+        base = name.removesuffix("_cont")  # _cont: continues a shipped aggregator, the recipe's pretrained=
         assert metadata.get("meta_loss_train_weight") == weights.get(base[base.rfind("_"):]), name
-        assert metadata.get("started_from") == (base if base != name else None)
+        start = OmegaConf.create((resources.files(CONFIG_PACKAGE) / "experiment" / f"{recipe}.yaml").read_text()).get("pretrained")
+        assert metadata.get("started_from") == (start if base != name else None)
+        assert base == name or ("lagg_a", start) in pretrained.available()
         assert metadata["outer_steps"] == 2 and metadata["meta_train_seconds"] > 0
         assert metadata["partition"] == ("dirichlet(alpha=0.1, M=64)" if "dirichlet" in name else "iid")
         # names carry _avg for an averaging start, except the resplit ones (all start so) and on
