@@ -122,6 +122,23 @@ def test_a_measured_row_that_shares_an_archived_label_but_not_its_identity_stand
     assert groups[KEY][2].settings == "local_learning_rate=0.5"  # a re-measured baseline replaces its namesake
 
 
+def test_merging_again_keeps_the_labels_an_earlier_merge_gave():
+    """The archive keeps the labels a merge gave two step sizes of one shipped aggregator; a later
+    store that measures one of them again, labelled there without a suffix, must meet its archived
+    namesake by the plain label: the same two labels come out, not a suffixed and a bare one."""
+    shipped = lambda gamma: row("lagg_a@x", "lagg_a", 0.1, shipped="lagg_a@x")._replace(
+        settings=f"local_learning_rate={gamma}, meta-params: shipped x")
+    first, _ = archive.merge({KEY: [shipped(1.0)]}, {KEY: [shipped(2.0)]})
+    labels = ["lagg_a@x (local_learning_rate=1.0)", "lagg_a@x (local_learning_rate=2.0)"]
+    assert [r.method for r in first[KEY]] == labels
+    again, kept = archive.merge(first, {KEY: [shipped(2.0)]})
+    assert [r.method for r in again[KEY]] == labels and kept == {KEY: [labels[0]]}
+    assert archive.merge(again, {})[0][KEY] == again[KEY]  # and from the archive alone, unchanged
+    alone = row("lagg_a@y", "lagg_a", 0.1, shipped="lagg_a@y")._replace(
+        method="lagg_a@y (local_learning_rate=0.5)")  # a suffix with no namesake left stays
+    assert archive.merge({KEY: [alone]}, {})[0][KEY] == [alone]
+
+
 def test_an_archived_baseline_is_tuned_only_at_the_values_the_tuned_files_record_now():
     """A grid run later replaces a tuned value: the row archived at the old value (stored as tuned)
     is then an untuned baseline, like a measured row at that value; a row at today's value is tuned,

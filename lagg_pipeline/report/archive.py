@@ -116,17 +116,31 @@ def merge(archived: dict[GroupKey, list[Curves]], measured: dict[GroupKey, list[
 
 
 def _apart(rows: list[Curves]) -> list[Curves]:
-    """Rows sharing a label get the parts of their settings that differ added to it."""
+    """Learned rows sharing a label get the parts of their settings that differ added to it.
+
+    The label compared is the one before any such suffix (:func:`_unsuffixed`): archived rows keep
+    the label an earlier merge gave them, and a row measured again under its plain label must meet
+    them as a namesake, or one method would stand twice with two labels."""
+    base = [_unsuffixed(row) for row in rows]
     out = []
-    for row in rows:
-        namesakes = [other.settings.split(", ") for other in rows if other.method == row.method]
+    for row, label in zip(rows, base):
+        namesakes = [other.settings.split(", ") for other, other_label in zip(rows, base) if other_label == label]
         if len(namesakes) == 1:
             out.append(row)
             continue
         common = set.intersection(*map(set, namesakes))
         differs = ", ".join(part for part in row.settings.split(", ") if part not in common)
-        out.append(row._replace(method=f"{row.method} ({differs})"))
+        out.append(row._replace(method=f"{label} ({differs})" if differs else label))
     return out
+
+
+def _unsuffixed(row: Curves) -> str:
+    """A learned row's label without the " (parts of its settings)" suffix :func:`_apart` adds;
+    a baseline's label as it is (its suffix marks an untuned value, and names its namesake)."""
+    head, sep, tail = row.method.rpartition(" (")
+    if row.learned and sep and tail.endswith(")") and set(tail[:-1].split(", ")) <= set(row.settings.split(", ")):
+        return head
+    return row.method
 
 
 def gather(cfg, note) -> dict[GroupKey, list[Curves]]:
