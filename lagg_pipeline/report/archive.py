@@ -116,11 +116,11 @@ def merge(archived: dict[GroupKey, list[Curves]], measured: dict[GroupKey, list[
 
 
 def _apart(rows: list[Curves]) -> list[Curves]:
-    """Learned rows sharing a label get the parts of their settings that differ added to it.
+    """Rows sharing a label get the parts of their settings that differ added to it.
 
-    The label compared is the one before any such suffix (:func:`_unsuffixed`): archived rows keep
-    the label an earlier merge gave them, and a row measured again under its plain label must meet
-    them as a namesake, or one method would stand twice with two labels."""
+    A learned row's label is compared before any such suffix (:func:`_unsuffixed`): archived rows
+    keep the label an earlier merge gave them, and a row measured again under its plain label must
+    meet them as a namesake, or one method would stand twice with two labels."""
     base = [_unsuffixed(row) for row in rows]
     out = []
     for row, label in zip(rows, base):
